@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine:
+#   make demo   # set up, train the bundled-data default config, write sample/inpainting PNGs
+#   make test   # set up, lint, run the test suite (what CI runs)
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKDIR ?= workdirs/mnist
+TRAIN_MINUTES ?= 10
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-slow lint demo level-stats clean
+
+$(STAMP): setup.py requirements.txt requirements-test.txt constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check asyncpatch_jax configs tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m asyncpatch_jax.main --config=configs/mnist.py --workdir=$(WORKDIR) \
+	  --config.train_minutes=$(TRAIN_MINUTES)
+
+level-stats: $(STAMP)
+	$(BIN)/python -m asyncpatch_jax.diffusion.level_stats --out=docs/level_stats
+
+clean:
+	rm -rf $(VENV) workdirs .pytest_cache .ruff_cache

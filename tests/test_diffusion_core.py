@@ -206,7 +206,7 @@ def test_loss_jit_and_sharded_match_eager():
                                             log_variance=jnp.zeros_like(o))
   eager = fn(out, x0, noise, t)
   jitted = jax.jit(fn)(out, x0, noise, t)
-  mesh = jax.make_mesh((8,), ("data",))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   args = [jax.device_put(a, sharding) for a in (out, x0, noise, t)]
   sharded = jax.jit(fn)(*args)

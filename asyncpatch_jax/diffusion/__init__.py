@@ -5,7 +5,9 @@ level samplers, level statistics and the ELBO along monotone paths. No Flax stat
 jit-, vmap- and sharding-friendly.
 """
 
+from asyncpatch_jax.diffusion import level_samplers, paths
 from asyncpatch_jax.diffusion.corruption import corrupt
+from asyncpatch_jax.diffusion.elbo import nelbo
 from asyncpatch_jax.diffusion.level_map import (
     check_level_shape,
     check_levels,
@@ -14,6 +16,7 @@ from asyncpatch_jax.diffusion.level_map import (
     tokens_mean,
     tokens_sum,
 )
+from asyncpatch_jax.diffusion.level_stats import level_statistics
 from asyncpatch_jax.diffusion.losses import WEIGHTINGS, diffusion_loss, log_weight
 from asyncpatch_jax.diffusion.parametrization import (
     PARAMETRIZATIONS,
@@ -51,7 +54,11 @@ __all__ = [
     "expand_levels",
     "from_x0",
     "get_schedule",
+    "level_samplers",
+    "level_statistics",
     "log_weight",
+    "nelbo",
+    "paths",
     "target",
     "to_prediction",
     "to_x0",

@@ -7,7 +7,7 @@ For a path τ: [0, 1] → [0, 1]^N (every coordinate non-decreasing, τ(0) = 0, 
 
 Each coordinate is a time-changed 1-D diffusion, so frozen coordinates (τ_i' = 0) contribute
 nothing and the homogeneous path τ_i(s) = s is VDM's continuous-time ELBO. The integral is
-estimated with stratified s (one uniform offset per call, one sample per stratum), and
+estimated with stratified s (a uniform offset per example, one sample per stratum), and
 d/ds SNR(τ(s)) = SNR · λ'(τ) · τ'(s) with τ'(s) from `jax.jvp` and λ' in closed form.
 """
 
@@ -32,9 +32,13 @@ DATA_KINDS = ("continuous", "discrete8bit")
 
 def diffusion_integrand(denoiser: Callable, x0: Array, s: Array, noise: Array, *,
                         schedule: Schedule, path: Path, patch_size: PatchSize = 1) -> Array:
-  """½ Σ_i (−d/ds SNR(τ_i(s))) ‖x_i − x̂_i(z(s), τ(s))‖² per example, for one `s` and `noise`."""
+  """½ Σ_i (−d/ds SNR(τ_i(s))) ‖x_i − x̂_i(z(s), τ(s))‖² per example.
+
+  `s` is a scalar or one value per example `[B]`; `noise` is the ε of z(s).
+  """
   grid = token_grid(x0.shape, patch_size)
-  s = jnp.asarray(s, jnp.float32)
+  s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), (x0.shape[0],))
+  s = s.reshape((-1,) + (1,) * (len(grid) - 1))  # [B, 1, ..., 1]: broadcasts against the grid
   tau, dtau = jax.jvp(lambda u: jnp.broadcast_to(path(u), grid), (s,), (jnp.ones_like(s),))
   z = corrupt(x0, tau, noise, schedule, patch_size)
   x0_hat = as_prediction(denoiser(z, tau)).x0
@@ -109,7 +113,7 @@ def nelbo(denoiser: Callable, x0: Array, rng: Array, *, schedule: Schedule, path
     _check_discrete(x0)
   x0 = jnp.asarray(x0, jnp.float32)
   k_offset, k_noise, k_recon = jax.random.split(rng, 3)
-  offset = jax.random.uniform(k_offset, ())
+  offset = jax.random.uniform(k_offset, (x0.shape[0],))
 
   def step(total, j):
     s = (j + offset) / num_steps

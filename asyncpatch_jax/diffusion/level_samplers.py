@@ -78,6 +78,11 @@ class IID:
   t_min: float = 0.0
   t_max: float = 1.0
 
+  def __post_init__(self):
+    if not 0.0 <= self.t_min < self.t_max <= 1.0:
+      raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={self.t_min}, "
+                       f"t_max={self.t_max}")
+
   def __call__(self, rng: Array, shape: Sequence[int]) -> Array:
     shape = _check_shape(shape)
     return jax.random.uniform(rng, shape, minval=self.t_min, maxval=self.t_max)

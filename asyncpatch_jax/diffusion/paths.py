@@ -4,6 +4,10 @@ A path is a callable `s -> level map` whose value broadcasts to the token grid `
 path for every example) or `[B, *grid]` (a path per example). Every coordinate is
 non-decreasing in `s`, all 0 at `s = 0` and all 1 at `s = 1`. Each coordinate is then a
 time-changed 1-D diffusion, so every such path (and any mixture of paths) gives a valid ELBO.
+
+The ELBO evaluates a path for a whole batch at once, calling it with `s` of shape `[B, 1, ..., 1]`
+(one value per example, broadcastable against the grid): build paths from elementwise jnp
+operations in `s`, as those below are.
 """
 
 from __future__ import annotations

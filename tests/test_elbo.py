@@ -1,0 +1,154 @@
+"""The path ELBO: analytic values for Gaussian data, path independence, VDM equivalence."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from asyncpatch_jax import diffusion as d
+from asyncpatch_jax.diffusion import paths
+
+D = 8          # a 1-D signal of 8 elements, 1 channel
+PATCH = 2      # 4 tokens of 2 elements
+SCHEDULE = d.get_schedule("cosine", log_snr_min=-10.0, log_snr_max=10.0)
+MU = np.linspace(-0.3, 0.3, D)
+SIGMA = 0.3 * 0.8 ** np.abs(np.subtract.outer(np.arange(D), np.arange(D)))  # AR(1) covariance
+
+
+def gaussian_denoiser(mu=MU, cov=SIGMA):
+  """E[x | z] for x ~ N(mu, cov) and z_i = α_i x_i + σ_i ε_i (per-element levels)."""
+  mu, cov = jnp.asarray(mu, jnp.float32), jnp.asarray(cov, jnp.float32)
+
+  def denoiser(z, t):
+    alpha, sigma = SCHEDULE.alpha_sigma(d.expand_levels(t, z.shape, PATCH))
+    a, s2, zz = alpha[..., 0], sigma[..., 0] ** 2, z[..., 0]           # [B, D]
+    cov_z = a[:, :, None] * cov * a[:, None, :] + jax.vmap(jnp.diag)(s2)
+    gain = cov[None] * a[:, None, :]                                   # Σ diag(α)
+    resid = jax.vmap(jnp.linalg.solve)(cov_z, zz - a * mu)
+    return (mu + jnp.einsum("bij,bj->bi", gain, resid))[..., None]
+
+  return denoiser
+
+
+def analytic_nelbo_terms():
+  """E_x of each term for the optimal denoiser, in nats (float64)."""
+  lam_max, lam_min = SCHEDULE.log_snr_max, SCHEDULE.log_snr_min
+  logdet = lambda snr: np.linalg.slogdet(np.eye(D) + snr * SIGMA)[1]
+  diffusion = 0.5 * (logdet(np.exp(lam_max)) - logdet(np.exp(lam_min)))
+  a1, s1 = 1 / (1 + np.exp(-lam_min)), 1 / (1 + np.exp(lam_min))   # α², σ² at t = 1
+  prior = 0.5 * np.sum(a1 * (MU**2 + np.diag(SIGMA)) + s1 - 1 - np.log(s1))
+  recon = D * (0.5 * (1 + np.log(2 * np.pi)) - 0.5 * lam_max)
+  return diffusion, prior, recon
+
+
+def _data(batch, key=0):
+  x = np.random.default_rng(key).multivariate_normal(MU, SIGMA, size=batch)
+  return jnp.asarray(x[..., None], jnp.float32)
+
+
+PATHS = {
+    "homogeneous": lambda: paths.homogeneous(),
+    "raster": lambda: paths.raster((D // PATCH,)),
+    "raster_overlap": lambda: paths.raster((D // PATCH,), overlap=0.5),
+    "random_order_per_example": lambda: paths.random_order((D // PATCH,), jax.random.key(3),
+                                                           batch=4096),
+}
+
+
+@pytest.mark.parametrize("path_name", list(PATHS))
+def test_optimal_denoiser_gives_analytic_elbo_on_every_path(path_name):
+  x = _data(4096)
+  out = jax.jit(functools.partial(d.nelbo, gaussian_denoiser(), schedule=SCHEDULE,
+                                  path=PATHS[path_name](), num_steps=64,
+                                  patch_size=PATCH))(x, jax.random.key(1))
+  diffusion, prior, recon = analytic_nelbo_terms()
+  stderr = float(out["diffusion"].std()) / np.sqrt(x.shape[0])
+  assert abs(float(out["diffusion"].mean()) - diffusion) < 4 * stderr + 0.01 * abs(diffusion), (
+      path_name, float(out["diffusion"].mean()), diffusion, stderr)
+  np.testing.assert_allclose(out["prior"].mean(), prior, rtol=0.05, atol=1e-6)
+  np.testing.assert_allclose(out["recon"], recon, rtol=1e-5)
+  # The bound is tight for the optimal denoiser: ≈ the differential entropy of N(μ, Σ).
+  entropy = 0.5 * np.linalg.slogdet(2 * np.pi * np.e * SIGMA)[1]
+  assert abs(float(out["total"].mean()) - entropy) < 0.05 * abs(entropy) + 4 * stderr
+  np.testing.assert_allclose(out["bpd"], out["total"] / (D * np.log(2)), rtol=1e-6)
+  np.testing.assert_array_equal(out["log_snr_max"], 10.0)
+
+
+def test_homogeneous_integrand_is_vdm_for_any_denoiser():
+  # A deliberately wrong denoiser: the optimal one for another Gaussian.
+  den = gaussian_denoiser(mu=-MU, cov=2 * SIGMA + 0.1 * np.eye(D))
+  x = _data(16, key=1)
+  noise = jax.random.normal(jax.random.key(2), x.shape)
+  for s in (0.03, 0.4, 0.9):
+    got = d.elbo.diffusion_integrand(den, x, s, noise, schedule=SCHEDULE,
+                                     path=paths.homogeneous(), patch_size=PATCH)
+    # VDM: scalar t, z_t = α_t x + σ_t ε, loss = ½ (−dSNR/dt) ‖x − x̂‖².
+    alpha, sigma = SCHEDULE.alpha_sigma(jnp.float32(s))
+    z = alpha * x + sigma * noise
+    t_map = jnp.full((x.shape[0], D // PATCH), s)
+    neg_dsnr = -jax.grad(lambda u: jnp.exp(SCHEDULE.log_snr(u)))(jnp.float32(s))
+    want = 0.5 * neg_dsnr * jnp.sum((x - den(z, t_map)) ** 2, axis=(1, 2))
+    np.testing.assert_allclose(got, want, rtol=2e-3)
+
+
+def test_homogeneous_nelbo_matches_vdm_monte_carlo():
+  den = gaussian_denoiser(mu=0.5 * MU, cov=1.5 * SIGMA)
+  x = jnp.tile(_data(8, key=4), (512, 1, 1))   # 8 examples, 512 estimates each
+  ours = d.nelbo(den, x, jax.random.key(5), schedule=SCHEDULE, path=paths.homogeneous(),
+                 num_steps=16, patch_size=PATCH)["diffusion"].reshape(512, 8)
+
+  # An independent VDM-style estimator: t ~ U(0, 1) per sample, one evaluation each.
+  def vdm(key):
+    kt, kn = jax.random.split(key)
+    t = jax.random.uniform(kt, (x.shape[0],))
+    alpha, sigma = SCHEDULE.alpha_sigma(t[:, None, None])
+    z = alpha * x + sigma * jax.random.normal(kn, x.shape)
+    neg_dsnr = -jax.vmap(jax.grad(lambda u: jnp.exp(SCHEDULE.log_snr(u))))(t)
+    t_map = jnp.broadcast_to(t[:, None], (x.shape[0], D // PATCH))
+    return 0.5 * neg_dsnr * jnp.sum((x - den(z, t_map)) ** 2, axis=(1, 2))
+
+  ref = jnp.stack([vdm(k) for k in jax.random.split(jax.random.key(6), 16)]).reshape(-1, 8)
+  for i in range(8):
+    se = np.sqrt(ours[:, i].var() / 512 + ref[:, i].var() / ref.shape[0])
+    assert abs(float(ours[:, i].mean() - ref[:, i].mean())) < 4.5 * se + 1e-3, i
+
+
+def test_discrete_decoder_and_jit_and_sharding_agree():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 256, size=(8, D, 1)) / 127.5 - 1.0, jnp.float32)
+  fn = functools.partial(d.nelbo, gaussian_denoiser(), schedule=SCHEDULE,
+                         path=paths.raster((D // PATCH,), overlap=0.25), num_steps=8,
+                         patch_size=PATCH, data="discrete8bit")
+  eager = fn(x, jax.random.key(0))
+  jitted = jax.jit(fn)(x, jax.random.key(0))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  sharded = jax.jit(fn)(xs, jax.random.key(0))
+  assert len(sharded["total"].sharding.device_set) == 8
+  for k in eager:
+    np.testing.assert_allclose(jitted[k], eager[k], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sharded[k], eager[k], rtol=1e-4, atol=1e-5)
+  # With σ0 tiny the 8-bit decoder is (almost) certain: recon ≈ 0 nats; bpd is positive.
+  assert float(jnp.abs(eager["recon"]).max()) < 1e-3
+  assert float(eager["bpd"].min()) > 0
+
+
+def test_nelbo_bad_input():
+  x = _data(2)
+  kw = dict(schedule=SCHEDULE, num_steps=4, patch_size=PATCH)
+  den = gaussian_denoiser()
+  with pytest.raises(ValueError, match="not monotone"):
+    d.nelbo(den, x, jax.random.key(0), path=lambda s: jnp.full((4,), jnp.sin(np.pi * s)) ** 0.0
+            * jnp.where(s < 0.5, 2 * s, 1.5 - s) * (s < 1) + (s >= 1), **kw)
+  with pytest.raises(ValueError, match="start with every level at 0"):
+    d.nelbo(den, x, jax.random.key(0), path=lambda s: 0.5 + 0.5 * s, **kw)
+  with pytest.raises(ValueError, match="do not broadcast to the token grid"):
+    d.nelbo(den, x, jax.random.key(0), path=paths.raster((5,)), **kw)
+  with pytest.raises(ValueError, match="8-bit grid"):
+    d.nelbo(den, x, jax.random.key(0), path=paths.homogeneous(), data="discrete8bit", **kw)
+  with pytest.raises(ValueError, match="unknown data kind"):
+    d.nelbo(den, x, jax.random.key(0), path=paths.homogeneous(), data="bits", **kw)
+  with pytest.raises(ValueError, match="overlap"):
+    paths.raster((4,), overlap=1.0)

@@ -1,0 +1,128 @@
+"""Training level samplers: measured statistics match their parameters."""
+
+import jax
+import numpy as np
+import pytest
+
+from asyncpatch_jax.diffusion import level_samplers as ls
+from asyncpatch_jax.diffusion import level_statistics
+
+KEY = jax.random.key(0)
+
+
+def _maps(sampler, shape=(4096, 8, 8)):
+  t = np.asarray(jax.jit(lambda k: sampler(k, shape))(KEY), np.float64)
+  assert t.shape == shape and t.min() >= 0.0 and t.max() <= 1.0
+  return t.reshape(shape[0], -1)
+
+
+def test_iid_uniform():
+  t = _maps(ls.IID())
+  assert abs(t.mean() - 0.5) < 0.01 and abs(t.std() - 12 ** -0.5) < 0.01
+  # The mean of 64 iid uniforms has std 1/sqrt(12·64) ≈ 0.036 (METHOD.md).
+  assert abs(t.mean(1).std() - (12 * 64) ** -0.5) < 0.003
+
+
+def test_homogeneous_uniform_and_logit_normal():
+  t = _maps(ls.Homogeneous())
+  assert np.all(t.max(1) == t.min(1))
+  assert abs(t[:, 0].std() - 12 ** -0.5) < 0.01
+  t = _maps(ls.Homogeneous(mean_distribution="logit_normal", logit_loc=1.0, logit_scale=0.5))
+  logits = np.log(t[:, 0] / (1 - t[:, 0]))
+  assert abs(logits.mean() - 1.0) < 0.03 and abs(logits.std() - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("exact_mean", [True, False])
+def test_controlled_sampler_statistics(exact_mean):
+  sampler = ls.Controlled(p_hom=0.3, kappa=0.8, exact_mean=exact_mean, t_min=0.1, t_max=0.9)
+  t = _maps(sampler)
+  spread = t.max(1) - t.min(1)
+  hom = spread == 0
+  assert abs(hom.mean() - 0.3) < 0.03, hom.mean()
+  assert t.min() >= 0.1 and t.max() <= 0.9
+  means = t.mean(1)
+  if exact_mean:
+    # t̄ is uniform on [0.1, 0.9] and every map's mean is exactly t̄.
+    assert abs(means.std() - 0.8 / 12 ** 0.5) < 0.01
+    assert abs(means.mean() - 0.5) < 0.01
+    # Each map stays within t̄ ± κ·min(t̄ − t_min, t_max − t̄).
+    room = np.minimum(means - 0.1, 0.9 - means)
+    assert np.all(np.abs(t - means[:, None]) <= 0.8 * room[:, None] + 1e-5)
+  else:
+    # Without re-centring the map mean scatters around t̄ by δ/sqrt(3·64) at most.
+    assert np.all(np.abs(means - (t.max(1) + t.min(1)) / 2) <= spread / 2 + 1e-6)
+  # Heterogeneous maps have a real spread.
+  assert np.median(spread[~hom]) > 0.05
+
+
+def test_masked_maps_have_clean_context_and_one_level_elsewhere():
+  sampler = ls.Masked(kinds=("random",), known_fraction=(0.25, 0.75))
+  t = _maps(sampler)
+  known = t == 0
+  assert 0.4 < known.mean() < 0.6
+  unknown_levels = np.where(known, np.nan, t)
+  assert np.nanmax(np.nanstd(unknown_levels, 1)) < 1e-6  # one level t̄ on the unknown tokens
+  for kind in ("half", "box", "crop"):
+    t = _maps(ls.Masked(kinds=(kind,), known_fraction=(0.3, 0.3)), shape=(512, 8, 8))
+    known = (t == 0).reshape(512, 8, 8)
+    if kind == "half":
+      np.testing.assert_allclose(known.mean((1, 2)), 0.5)
+    else:
+      assert abs(known.mean() - 0.3) < 0.06, (kind, known.mean())  # f is the known share
+
+
+def test_staircase_is_the_autoregressive_plan():
+  t = _maps(ls.Staircase(order="raster", max_overlap=0.0), shape=(2048, 4, 4))
+  assert np.all(np.diff(t, axis=1) >= 0), "raster order: earlier tokens are cleaner"
+  partial = ((t > 0) & (t < 1)).sum(1)
+  assert partial.max() <= 1, "without overlap only one token is in flight"
+  t = _maps(ls.Staircase(order="random", max_overlap=0.5), shape=(2048, 4, 4))
+  assert not np.all(np.diff(t, axis=1) >= 0)
+  assert ((t > 0) & (t < 1)).sum(1).max() > 1
+
+
+def test_mixture_proportions_and_from_config():
+  cfg = {"name": "mixture", "components": {
+      "a": {"name": "homogeneous", "weight": 3.0, "t_min": 0.0, "t_max": 0.1},
+      "b": {"name": "homogeneous", "weight": 1.0, "t_min": 0.9, "t_max": 1.0}}}
+  t = _maps(ls.from_config(cfg))
+  assert abs((t[:, 0] < 0.5).mean() - 0.75) < 0.03
+  assert isinstance(ls.from_config(ls.default_config()), ls.Mixture)
+  assert ls.from_config({"name": "mask", "kinds": "half,box"}).kinds == ("half", "box")
+
+
+def test_sampler_bad_input():
+  with pytest.raises(ValueError, match="unknown level_sampler name 'uniform'"):
+    ls.from_config({"name": "uniform"})
+  with pytest.raises(ValueError, match=r"fields for 'controlled': \['kapa'\]"):
+    ls.from_config({"name": "controlled", "kapa": 1.0})
+  with pytest.raises(ValueError, match="p_hom"):
+    ls.Controlled(p_hom=1.5)
+  for cls in (ls.IID, ls.Homogeneous):
+    with pytest.raises(ValueError, match="t_min < t_max"):
+      cls(t_min=0.5, t_max=0.2)
+  with pytest.raises(ValueError, match="non-empty subset"):
+    ls.Masked(kinds=("circle",))
+  with pytest.raises(ValueError, match=r"shape is \(B, \*grid\)"):
+    ls.IID()(KEY, (4,))
+
+
+def test_level_statistics_reports_the_referee_figures():
+  stats = level_statistics(ls.Controlled(p_hom=0.5), KEY, (8, 8), num_maps=2048, chunk=512)
+  assert abs(stats["share_exactly_homogeneous"] - 0.5) < 0.05
+  assert abs(stats["std_of_mean"] - 12 ** -0.5) < 0.02
+  assert sum(stats["histogram"]) == 2048 * 64
+  iid = level_statistics(ls.IID(), KEY, (8, 8), num_maps=1024)
+  assert iid["share_exactly_homogeneous"] == 0.0 and iid["std_of_mean"] < 0.05
+  masked = level_statistics(ls.Masked(), KEY, (8, 8), num_maps=256)
+  assert masked["share_with_clean_context"] > 0.9
+
+
+def test_level_stats_command_writes_outputs(tmp_path):
+  from asyncpatch_jax.diffusion import level_stats
+
+  level_stats.main(["--out", str(tmp_path), "--grids", "4", "--num_maps", "64",
+                    "--sampler_json", '{"name": "controlled"}'])
+  for suffix in ("json", "md", "png"):
+    assert (tmp_path / f"level_stats.{suffix}").stat().st_size > 0
+  assert not list(tmp_path.glob("*.tmp"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from asyncpatch_jax.diffusion import level_samplers as ls
-from asyncpatch_jax.diffusion import level_statistics
+from asyncpatch_jax.diffusion.level_stats import level_statistics
 
 KEY = jax.random.key(0)
 

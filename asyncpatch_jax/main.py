@@ -1,0 +1,99 @@
+r"""The command line: train, sample from, or evaluate an AsyncPatch Diffusion model.
+
+  python -m asyncpatch_jax.main --config=configs/mnist.py --workdir=workdirs/mnist
+  python -m asyncpatch_jax.main --config=configs/cifar10.py:debug --workdir=/tmp/c10 \
+      --config.optimizer.learning_rate=1e-4
+  python -m asyncpatch_jax.main --config=configs/mnist.py --workdir=workdirs/mnist --mode=sample
+
+Multi-host: run the same command on every host. On TPU pods, SLURM and other clusters that JAX
+detects, `jax.distributed` initialises itself; elsewhere pass --coordinator_address,
+--num_processes and --process_id. Everything else lives in importable libraries.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Run configuration: configs/NAME.py, optionally with :debug.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
+                          "train (resumes from the workdir), sample or eval (latest checkpoint).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for jax.distributed on clusters "
+                                   "JAX does not detect by itself.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _in_cluster() -> bool:
+  """True where `jax.distributed.initialize()` can configure itself (several processes)."""
+  if any(os.environ.get(k) for k in _CLUSTER_ENV):
+    return True
+  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    return True
+  for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    if int(os.environ.get(key, "1") or 1) > 1:
+      return True
+  return False
+
+
+def initialize_distributed() -> None:
+  """Guarded `jax.distributed.initialize()`: explicit flags, a detected cluster, or nothing."""
+  if _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif _in_cluster():
+    jax.distributed.initialize()
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a clear message for an override of a config field that doesn't exist."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    name = str(e).strip("\"'")
+    overrides = [a for a in argv if a.startswith("--config.") and name in a] or [
+        a for a in argv if a.startswith("--config.")]
+    raise SystemExit(f"FATAL: unknown config field {name!r} in {overrides}; every field is "
+                     f"defined in configs/base.py (and models.default_config() for config.model)"
+                     ) from e
+  except flags.Error as e:
+    raise SystemExit(f"FATAL: {e}\nPass --help for the flags.") from e
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  initialize_distributed()
+  config = _CONFIG.value
+  if config.data.source == "tfds":
+    try:  # TFDS may import TensorFlow: keep it off the accelerators JAX uses.
+      import tensorflow as tf
+      tf.config.set_visible_devices([], "GPU")
+    except ImportError:
+      pass
+  logging.info("JAX process %d / %d, local devices %s", jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  if _MODE.value == "train":
+    from asyncpatch_jax.train import trainer
+    trainer.train_and_evaluate(config, _WORKDIR.value)
+  elif _MODE.value == "sample":
+    from asyncpatch_jax.train import sample_cli
+    sample_cli.sample_from_checkpoint(config, _WORKDIR.value)
+  else:
+    from asyncpatch_jax.train import evaluate
+    evaluate.evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  jax.config.config_with_absl()
+  app.run(main, flags_parser=parse_flags)

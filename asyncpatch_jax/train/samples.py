@@ -1,0 +1,140 @@
+"""Sample and inpainting grids during and after training (TensorBoard + PNG in the workdir).
+
+Samples come from an EMA of the parameters with the configured sampler. The inpainting grid uses
+fixed held-out images with `sampling.inpaint_mask` known: rows of (known context, completion,
+original), so the grids of different steps are directly comparable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from asyncpatch_jax import data as data_lib
+from asyncpatch_jax import diffusion, models, sampling
+from asyncpatch_jax.train import state as state_lib
+
+MASKS = ("half", "box", "right", "top", "bottom")
+
+
+def known_mask(kind: str, grid: tuple[int, ...]) -> np.ndarray:
+  """A token-level bool mask `[*grid]` (True = known) for the inpainting grid.
+
+  'half': the left half known; 'right' / 'top' / 'bottom': that half known; 'box': all but a
+  centred box of half the size known.
+  """
+  h, w = grid
+  mask = np.zeros(grid, bool)
+  if kind == "half":
+    mask[:, : w // 2] = True
+  elif kind == "right":
+    mask[:, w // 2:] = True
+  elif kind == "top":
+    mask[: h // 2] = True
+  elif kind == "bottom":
+    mask[h // 2:] = True
+  elif kind == "box":
+    mask[:] = True
+    mask[h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2] = False
+  else:
+    raise ValueError(f"unknown sampling.inpaint_mask {kind!r}; choose one of {MASKS}")
+  return mask
+
+
+def _class_labels(n: int, num_classes: int) -> jax.Array | None:
+  return jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
+
+
+def make_sample_fn(config: Any, setup: state_lib.StateSetup, num: int, *, inpaint: bool
+                   ) -> Any:
+  """jit'd `(params, model_state, key[, known, known_mask]) -> samples [num, H, W, C]`."""
+  schedule = state_lib.make_schedule(config.diffusion)
+  patch = int(config.diffusion.patch_size)
+  num_classes = int(config.model.num_classes)
+  scfg = config.sampling
+  x_shape = (num, *state_lib.data_shape(config))
+
+  def run(params, model_state, key, known=None, mask=None):
+    model = setup.model_def.merge(params, model_state)
+    denoiser = models.make_denoiser(
+        model, schedule=schedule, parametrization=config.model.parametrization,
+        patch_size=patch, labels=_class_labels(num, num_classes),
+        cfg_scale=float(scfg.cfg_scale), num_classes=num_classes)
+    kwargs = {}
+    if inpaint:
+      kwargs = dict(known=known, known_mask=mask, input_guidance=float(scfg.input_guidance))
+    out, _ = sampling.sample(denoiser, key, x_shape, schedule=schedule,
+                             strategy=scfg.strategy, num_steps=int(scfg.num_steps),
+                             patch_size=patch, stochastic=bool(scfg.stochastic), **kwargs)
+    return jnp.clip(out, -1.0, 1.0)
+
+  replicated = NamedSharding(setup.mesh, P())
+  return jax.jit(run, out_shardings=replicated)
+
+
+class SampleWriter:
+  """Writes `samples_<step>.png` and `inpaint_<step>.png` (and the `_latest` copies)."""
+
+  def __init__(self, config: Any, setup: state_lib.StateSetup, workdir: epath.Path,
+               writer: Any):
+    from asyncpatch_jax.train.evaluate import ema_params_name
+
+    self.config, self.workdir, self.writer = config, epath.Path(workdir), writer
+    self.ema = ema_params_name(config)
+    n = int(config.sampling.num_samples)
+    self.num_inpaint = int(config.sampling.num_inpaint)
+    self._sample = make_sample_fn(config, setup, n, inpaint=False)
+    self._inpaint = (make_sample_fn(config, setup, self.num_inpaint, inpaint=True)
+                     if self.num_inpaint > 0 else None)
+    self._known = None
+    if self._inpaint is not None:
+      grid = diffusion.token_grid((1, *state_lib.data_shape(config)),
+                                  int(config.diffusion.patch_size))[1:]
+      self._mask = np.broadcast_to(known_mask(config.sampling.inpaint_mask, grid),
+                                   (self.num_inpaint, *grid))
+      images = data_lib.reference_images(config.data, self.num_inpaint)
+      self._known = np.asarray(data_lib.to_model_range(images))
+    self._root = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5A31E)
+
+  def __call__(self, state: state_lib.TrainState, step: int) -> dict[str, np.ndarray]:
+    """Samples at `step`; returns the arrays in [-1, 1] (for tests and notebooks)."""
+    from asyncpatch_jax import visualize
+
+    params = state.ema[self.ema]
+    key = jax.random.fold_in(self._root, step)
+    out = {"samples": np.asarray(self._sample(params, state.model_state, key))}
+    if self._inpaint is not None:
+      done = np.asarray(self._inpaint(params, state.model_state, jax.random.fold_in(key, 1),
+                                      jnp.asarray(self._known), jnp.asarray(self._mask)))
+      patch = int(self.config.diffusion.patch_size)
+      pixel_mask = np.asarray(diffusion.expand_levels(
+          jnp.asarray(self._mask, jnp.float32), self._known.shape, patch)) > 0.5
+      context = np.where(pixel_mask, self._known, 0.0)
+      out["inpaint"] = np.concatenate([context, done, self._known], axis=0)
+    if jax.process_index() == 0:
+      for name, images in out.items():
+        for suffix in (f"{step:08d}", "latest"):
+          visualize.save_image_grid(images, str(self.workdir / f"{name}_{suffix}.png"))
+        self.writer.write_images(step, {name: _tile(images, rows=3 if name == "inpaint"
+                                                    else None)[None]})
+      logging.info("Wrote sample grids for step %d to %s", step, self.workdir)
+    return out
+
+
+def _tile(images: np.ndarray, rows: int | None = None) -> np.ndarray:
+  """[N, H, W, C] in [-1, 1] → one uint8 image, `rows` rows (default: square-ish)."""
+  n, h, w, c = images.shape
+  rows = rows or int(np.floor(np.sqrt(n)))
+  cols = -(-n // rows)
+  canvas = np.zeros((rows * h, cols * w, c), np.float32) - 1.0
+  for i in range(n):
+    r, q = divmod(i, cols)
+    canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+  return np.round((canvas + 1.0) * 127.5).clip(0, 255).astype(np.uint8)

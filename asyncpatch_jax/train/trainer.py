@@ -1,0 +1,216 @@
+"""`train_and_evaluate(config, workdir)`: the training loop that `main.py --mode=train` runs.
+
+Order of events: every check of the config, devices, workdir and data set (cheap, clear errors);
+then the abstract state and its shardings; restore the latest checkpoint (state and data
+position) or initialise in place; then the loop. The loop never blocks on the device except at
+log, checkpoint, sampling and evaluation steps, where it also verifies that no loss or gradient
+since the previous check was non-finite — so a saved checkpoint is always a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
+from jax.experimental import multihost_utils
+
+from asyncpatch_jax import data as data_lib
+from asyncpatch_jax.train import checkpoint as ckpt_lib
+from asyncpatch_jax.train import evaluate as eval_lib
+from asyncpatch_jax.train import mesh as mesh_lib
+from asyncpatch_jax.train import optimizer as opt_lib
+from asyncpatch_jax.train import samples as samples_lib
+from asyncpatch_jax.train import state as state_lib
+from asyncpatch_jax.train import step as step_lib
+from asyncpatch_jax.train import validation
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or gradient became NaN / inf; the message names the step."""
+
+
+def write_config(config: Any, workdir: epath.Path) -> None:
+  """`config.json` in the workdir (process 0 only), so every run documents itself."""
+  if jax.process_index() == 0:
+    path = workdir / "config.json"
+    tmp = workdir / f".config.json.tmp{jax.process_index()}"
+    tmp.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2,
+                              sort_keys=True))
+    tmp.rename(path)
+
+
+def prepare(config: Any, workdir: str | epath.Path) -> tuple[epath.Path, Any, Any]:
+  """Every check that can fail on bad input, before any compilation. Returns (workdir, mesh,
+  batch sharding)."""
+  validation.validate_config(config)
+  data, fsdp = validation.validate_topology(config)
+  workdir = validation.check_workdir(workdir)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  logging.info("%s, %d process(es)", validation.describe_mesh(data, fsdp), jax.process_count())
+  return workdir, mesh, mesh_lib.batch_sharding(mesh)
+
+
+def _check_finite(acc: step_lib.TrainMetrics | None, checkpointer: ckpt_lib.Checkpointer,
+                  ) -> None:
+  if acc is None:
+    return
+  first = int(acc.first_nonfinite_step.compute())
+  if first != step_lib.NO_FAILURE:
+    checkpointer.wait_until_finished()  # let an in-flight (verified) save complete
+    raise NonFiniteError(
+        f"non-finite loss or gradient at step {first}; stopping. The last good checkpoint is "
+        f"step {checkpointer.latest_step()} in {checkpointer.directory} (lower the learning "
+        f"rate, enable gradient clipping, or check the data)")
+
+
+def _write_metrics(writer: metric_writers.MetricWriter, step: int,
+                   acc: step_lib.TrainMetrics) -> dict[str, float]:
+  computed = acc.compute()
+  scalars = {f"train/{k}": float(np.asarray(v)) for k, v in computed.items()
+             if k != "first_nonfinite_step"}
+  writer.write_scalars(step, scalars)
+  return scalars
+
+
+class _Clock:
+  """The wall-clock budget (`train_minutes`), agreed by all processes when there are several."""
+
+  def __init__(self, minutes: float):
+    self.budget = 60.0 * float(minutes)
+    self.start = time.monotonic()
+
+  def elapsed(self) -> float:
+    return time.monotonic() - self.start
+
+  def out_of_time(self, sync: bool) -> bool:
+    if self.budget <= 0:
+      return False
+    local = self.elapsed() >= self.budget
+    if jax.process_count() == 1:
+      return local
+    if not sync:
+      return False
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(local)))
+
+
+def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
+                       writer: metric_writers.MetricWriter | None = None
+                       ) -> state_lib.TrainState:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
+
+  Stops at `config.num_steps`, when `config.train_minutes` (if > 0) have passed, or on SIGTERM
+  (after saving). Raises `NonFiniteError` on a NaN / inf loss or gradient without saving it.
+  `writer` replaces the default CLU writer (TensorBoard + log on process 0), e.g. in notebooks.
+  """
+  workdir, mesh, batch_sharding = prepare(config, workdir)
+  write_config(config, workdir)
+  train_data = data_lib.create_train_pipeline(config.data, batch_sharding)
+  num_steps = int(config.num_steps)
+  tx = opt_lib.make_optimizer(config.optimizer, num_steps)
+  setup = state_lib.setup_state(config, mesh, tx)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state = checkpointer.restore(latest, setup.abstract, train_data.iterator)
+  else:
+    state = setup.init(config)
+  initial_step = int(state.step)
+  logging.info("Starting at step %d of %d (%s)", initial_step, num_steps,
+               "resumed" if latest is not None else "fresh")
+
+  if writer is None:
+    writer = metric_writers.create_default_writer(workdir,
+                                                  just_logging=jax.process_index() > 0)
+  if initial_step == 0:
+    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
+                          if isinstance(v, int | float | str | bool)})
+  if config.logging.parameter_overview:
+    parameter_overview.log_parameter_overview(
+        state.params.to_pure_dict(), include_stats=jax.process_count() == 1,
+        msg=f"parameters ({state_lib.num_params(state.params):,})", jax_logging_process=0)
+  logging.info("Parameter shardings: %s", state_lib.describe_shardings(setup.shardings))
+
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(config, setup), setup,
+                                       batch_sharding)
+  samples = samples_lib.SampleWriter(config, setup, workdir, writer)
+  evaluator = (eval_lib.Evaluator(config, setup, batch_sharding)
+               if config.eval.every_steps > 0 else None)
+
+  hooks = []
+  report = periodic_actions.ReportProgress(
+      num_train_steps=num_steps, writer=writer, every_steps=config.logging.log_every_steps,
+      every_secs=None)
+  if jax.process_index() == 0:
+    hooks.append(report)
+    if config.logging.profile:
+      hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5))
+
+  preemption = ckpt_lib.PreemptionWatcher(checkpointer.manager)
+  clock = _Clock(config.train_minutes)
+  log_every = int(config.logging.log_every_steps)
+  ckpt_every = int(config.checkpoint.every_steps)
+  sample_every = int(config.sampling.every_steps)
+  eval_every = int(config.eval.every_steps)
+  acc = None
+  step = initial_step
+  try:
+    with metric_writers.ensure_flushes(writer):
+      while step < num_steps:
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          batch = next(train_data)
+          state, step_metrics = train_step(state, batch)
+        step += 1
+        acc = step_metrics if acc is None else acc.merge(step_metrics)
+        for hook in hooks:
+          hook(step)
+        at_log = step % log_every == 0
+        preempted = preemption.reached(step)
+        out_of_time = clock.out_of_time(sync=at_log)
+        stop = preempted or out_of_time
+        last = step == num_steps or stop
+        if at_log or last:
+          _check_finite(acc, checkpointer)
+          _write_metrics(writer, step, acc)
+          acc = None
+        if step % ckpt_every == 0 or last:
+          _check_finite(acc, checkpointer)
+          checkpointer.save(step, state, train_data.iterator, config)
+        if eval_every and step % eval_every == 0 and evaluator is not None:
+          with report.timed("eval"):
+            writer.write_scalars(step, evaluator(state))
+        if sample_every and step % sample_every == 0 and not last:
+          with report.timed("sample"):
+            samples(state, step)
+        if preempted:
+          logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved, exiting", step)
+          return state
+        if out_of_time:
+          logging.info("Time budget of %.1f min reached at step %d", clock.budget / 60, step)
+          break
+      if step > initial_step or latest is None:
+        with report.timed("sample"):
+          samples(state, step)
+      logging.info("Finished at step %d after %.1f s of training", step, clock.elapsed())
+  finally:
+    preemption.close()
+    checkpointer.close()
+    writer.flush()
+  return state
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out

@@ -1,0 +1,1 @@
+"""Run configurations: `base.py` holds the defaults, one file per data set overrides them."""

@@ -1,0 +1,171 @@
+"""Defaults for every run; dataset configs (`mnist.py`, `cifar10.py`, …) override them.
+
+Usage: `python -m asyncpatch_jax.main --config=configs/NAME.py[:debug] --workdir=DIR
+[--config.a.b=value]`. The returned config is locked: a typo in a dataset config or on the
+command line is an error, not a silently ignored field. `debug` shrinks any config to run on a
+laptop CPU in seconds (tiny network, batch 8, a few steps).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from asyncpatch_jax import models
+from asyncpatch_jax.diffusion import level_samplers
+
+ARGS = ("debug",)
+
+
+def parse_arg(arg: str | None) -> set[str]:
+  """`'debug'` → {'debug'}; '' / None → {}. Anything else is an error naming the choices."""
+  words = {w.strip() for w in (arg or "").split(",") if w.strip()}
+  unknown = sorted(words - set(ARGS))
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {unknown}; choose from {ARGS}")
+  return words
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The base defaults, locked (a 32×32 RGB TFDS set is the nominal data; set its name)."""
+  return finalize(defaults(), arg)
+
+
+def defaults() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.num_steps = 400_000          # optimizer updates (also the LR schedule's horizon)
+  config.train_minutes = 0.0          # wall-clock training budget; 0 = run num_steps
+
+  config.model = models.default_config()
+
+  config.diffusion = ml_collections.ConfigDict({
+      "schedule": "cosine",
+      "log_snr_min": -15.0,
+      "log_snr_max": 15.0,
+      "patch_size": 1,                # level-map token size p: one noise level per p×p patch
+      "weighting": "",                # '' = the parametrisation's own MSE; or eps/x0/v/elbo
+      "variance_weight": 0.01,        # the uncertainty head's NLL factor
+  })
+  config.diffusion.level_sampler = level_samplers.default_config()
+
+  config.data = ml_collections.ConfigDict({
+      "source": "tfds",               # mnist | digits | textures | tfds
+      "tfds_name": "",
+      "tfds_data_dir": "",            # '' = TFDS's default ($TFDS_DATA_DIR, ~/tensorflow_datasets)
+      "label_key": "label",           # '' for unlabelled sets
+      "train_split": "train",
+      "eval_split": "test",
+      "image_size": 32,
+      "channels": 3,
+      "num_classes": 0,               # classes in the data (model.num_classes uses them)
+      "batch_size": 128,              # global batch, split over every device of the mesh
+      "crop": "center",               # 'center': ADM centre crop + resize; 'resize': squash
+      "random_flip": True,
+      "seed": 0,                      # shuffling and flips
+      "texture_crops_per_epoch": 10_000,
+      "texture_scale": 1.0,
+      "read_threads": 4,
+      "prefetch_buffer_size": 8,      # batches buffered by the reading threads
+      "worker_count": 0,              # grain worker processes (0: read in this process)
+      "worker_buffer_size": 2,
+  })
+
+  config.optimizer = ml_collections.ConfigDict({
+      "name": "adamw",
+      "learning_rate": 1e-4,
+      "warmup_steps": 1_000,
+      "schedule": "constant",         # constant | cosine (to end_lr_fraction at num_steps)
+      "end_lr_fraction": 0.0,
+      "b1": 0.9,
+      "b2": 0.999,
+      "eps": 1e-8,
+      "weight_decay": 0.0,
+      "grad_clip_norm": 1.0,          # 0 disables clipping
+      "grad_accum_steps": 1,          # microbatches per update (the batch is split k ways)
+      "ema_decays": (0.9999,),        # one EMA copy of the parameters per decay
+      "ema_warmup": True,             # decay min(d, (1 + n) / (10 + n)) early on
+  })
+
+  config.mesh = ml_collections.ConfigDict({
+      "data": -1,                     # -1: all devices not used by the other axis
+      "fsdp": 1,
+      "min_shard_size": 2**16,        # smaller parameters stay replicated
+      # Ordered (regex on the parameter path, spec) pairs; spec 'fsdp', 'replicate' or a tuple.
+      "rules": (("(^|/)(kernel|embedding)$", "fsdp"), (".*", "replicate")),
+  })
+
+  config.checkpoint = ml_collections.ConfigDict({
+      "every_steps": 5_000,
+      "max_to_keep": 3,
+      "keep_period": 50_000,          # also keep every K-th step (0: none)
+      "async_save": True,
+  })
+
+  config.logging = ml_collections.ConfigDict({
+      "log_every_steps": 100,
+      "profile": False,               # capture a CLU profile (TensorBoard) after warm-up
+      "parameter_overview": True,
+  })
+
+  config.eval = ml_collections.ConfigDict({
+      "every_steps": 10_000,          # 0: never during training
+      "num_batches": 8,               # global batches of the eval split per evaluation
+      "elbo_steps": 0,                # > 0: also bits/dim along the homogeneous path
+  })
+
+  config.sampling = ml_collections.ConfigDict({
+      "every_steps": 20_000,          # sample + inpainting grids (0: only at the end)
+      "num_samples": 64,
+      "num_steps": 250,
+      "strategy": "uniform",
+      "stochastic": True,             # ancestral updates (False: DDIM / probability flow)
+      "cfg_scale": 0.0,
+      "input_guidance": 0.0,
+      "inpaint_mask": "half",         # the known region of the inpainting grid
+      "num_inpaint": 16,
+      "ema": "",                      # which EMA to sample from ('' = the first decay)
+  })
+  return config
+
+
+def apply_debug(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to run on a CPU in seconds: tiny network, batch 8, a few steps."""
+  config.num_steps = 4
+  config.train_minutes = 0.0
+  model = config.model
+  for key, value in (("channels", 16), ("channel_mult", (1,)), ("num_res_blocks", 1),
+                     ("attention_resolutions", ()), ("norm_groups", 8), ("num_heads", 2),
+                     ("dit_hidden_size", 32), ("dit_depth", 2), ("dit_num_heads", 2),
+                     ("dropout", 0.0), ("level_slots", 0)):
+    if key in model:
+      model[key] = value
+  config.data.batch_size = 8
+  config.data.image_size = min(config.data.image_size, 16)
+  config.data.read_threads = 1
+  config.data.prefetch_buffer_size = 2
+  config.data.worker_count = 0
+  config.data.texture_crops_per_epoch = 64
+  config.optimizer.warmup_steps = 2
+  config.checkpoint.every_steps = 2
+  config.checkpoint.keep_period = 0
+  config.logging.log_every_steps = 1
+  config.logging.parameter_overview = False
+  config.eval.every_steps = 0
+  config.eval.num_batches = 1
+  config.sampling.every_steps = 0
+  config.sampling.num_samples = 4
+  config.sampling.num_steps = 2
+  config.sampling.num_inpaint = 2
+  return config
+
+
+def finalize(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the config argument (e.g. `debug`) and locks the structure against typos.
+
+  Dataset configs start from `get_config()` (already locked: they can change fields, not add
+  them) and return `finalize(config, arg)`, so `debug` shrinks their own settings.
+  """
+  if "debug" in parse_arg(arg):
+    apply_debug(config)
+  config.lock()
+  return config

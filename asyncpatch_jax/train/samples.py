@@ -1,8 +1,8 @@
 """Sample and inpainting grids during and after training (TensorBoard + PNG in the workdir).
 
 Samples come from an EMA of the parameters with the configured sampler. The inpainting grid uses
-fixed held-out images with `sampling.inpaint_mask` known: rows of (known context, completion,
-original), so the grids of different steps are directly comparable.
+fixed held-out images and the `sampling.inpaint_mask` family (`sampling.masks.MASKS`, True =
+known): rows of (known context, completion, original), so grids of different steps compare.
 """
 
 from __future__ import annotations
@@ -18,34 +18,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from asyncpatch_jax import data as data_lib
-from asyncpatch_jax import diffusion, models, sampling
+from asyncpatch_jax import diffusion, models, sampling, visualize
 from asyncpatch_jax.train import state as state_lib
-
-MASKS = ("half", "box", "right", "top", "bottom")
-
-
-def known_mask(kind: str, grid: tuple[int, ...]) -> np.ndarray:
-  """A token-level bool mask `[*grid]` (True = known) for the inpainting grid.
-
-  'half': the left half known; 'right' / 'top' / 'bottom': that half known; 'box': all but a
-  centred box of half the size known.
-  """
-  h, w = grid
-  mask = np.zeros(grid, bool)
-  if kind == "half":
-    mask[:, : w // 2] = True
-  elif kind == "right":
-    mask[:, w // 2:] = True
-  elif kind == "top":
-    mask[: h // 2] = True
-  elif kind == "bottom":
-    mask[h // 2:] = True
-  elif kind == "box":
-    mask[:] = True
-    mask[h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2] = False
-  else:
-    raise ValueError(f"unknown sampling.inpaint_mask {kind!r}; choose one of {MASKS}")
-  return mask
 
 
 def _class_labels(n: int, num_classes: int) -> jax.Array | None:
@@ -97,44 +71,30 @@ class SampleWriter:
     if self._inpaint is not None:
       grid = diffusion.token_grid((1, *state_lib.data_shape(config)),
                                   int(config.diffusion.patch_size))[1:]
-      self._mask = np.broadcast_to(known_mask(config.sampling.inpaint_mask, grid),
-                                   (self.num_inpaint, *grid))
+      self._mask = sampling.masks.make_mask(config.sampling.inpaint_mask, self.num_inpaint,
+                                            grid, seed=int(config.seed))
       images = data_lib.reference_images(config.data, self.num_inpaint)
       self._known = np.asarray(data_lib.to_model_range(images))
     self._root = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5A31E)
 
   def __call__(self, state: state_lib.TrainState, step: int) -> dict[str, np.ndarray]:
     """Samples at `step`; returns the arrays in [-1, 1] (for tests and notebooks)."""
-    from asyncpatch_jax import visualize
-
     params = state.ema[self.ema]
     key = jax.random.fold_in(self._root, step)
     out = {"samples": np.asarray(self._sample(params, state.model_state, key))}
+    nrow = {"samples": None}
     if self._inpaint is not None:
       done = np.asarray(self._inpaint(params, state.model_state, jax.random.fold_in(key, 1),
                                       jnp.asarray(self._known), jnp.asarray(self._mask)))
-      patch = int(self.config.diffusion.patch_size)
-      pixel_mask = np.asarray(diffusion.expand_levels(
-          jnp.asarray(self._mask, jnp.float32), self._known.shape, patch)) > 0.5
-      context = np.where(pixel_mask, self._known, 0.0)
+      context = visualize.masked_images(self._known, self._mask)
+      # Rows: the known context (unknown tokens grey), the completion, the original.
       out["inpaint"] = np.concatenate([context, done, self._known], axis=0)
+      nrow["inpaint"] = self.num_inpaint
     if jax.process_index() == 0:
       for name, images in out.items():
         for suffix in (f"{step:08d}", "latest"):
-          visualize.save_image_grid(images, str(self.workdir / f"{name}_{suffix}.png"))
-        self.writer.write_images(step, {name: _tile(images, rows=3 if name == "inpaint"
-                                                    else None)[None]})
+          visualize.save_image_grid(images, self.workdir / f"{name}_{suffix}.png", nrow[name])
+        grid = visualize.make_grid(visualize.to_uint8(images), nrow[name])
+        self.writer.write_images(step, {name: grid[None]})
       logging.info("Wrote sample grids for step %d to %s", step, self.workdir)
     return out
-
-
-def _tile(images: np.ndarray, rows: int | None = None) -> np.ndarray:
-  """[N, H, W, C] in [-1, 1] → one uint8 image, `rows` rows (default: square-ish)."""
-  n, h, w, c = images.shape
-  rows = rows or int(np.floor(np.sqrt(n)))
-  cols = -(-n // rows)
-  canvas = np.zeros((rows * h, cols * w, c), np.float32) - 1.0
-  for i in range(n):
-    r, q = divmod(i, cols)
-    canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
-  return np.round((canvas + 1.0) * 127.5).clip(0, 255).astype(np.uint8)

@@ -42,7 +42,7 @@ def write_config(config: Any, workdir: epath.Path) -> None:
     tmp = workdir / f".config.json.tmp{jax.process_index()}"
     tmp.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2,
                               sort_keys=True))
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def prepare(config: Any, workdir: str | epath.Path) -> tuple[epath.Path, Any, Any]:

@@ -17,6 +17,7 @@ from etils import epath
 from asyncpatch_jax import diffusion
 from asyncpatch_jax.data import sources
 from asyncpatch_jax.diffusion import level_samplers
+from asyncpatch_jax.sampling import masks
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
 
@@ -103,6 +104,9 @@ def validate_config(config: Any) -> None:
            f"sampling.ema={sampling.ema!r} is not one of the EMAs {names} (or '' for the first)")
   _require(int(sampling.num_steps) >= 1 and int(sampling.num_samples) >= 1,
            "sampling.num_steps and sampling.num_samples must be positive")
+  _require(sampling.inpaint_mask in masks.MASKS,
+           f"sampling.inpaint_mask must be one of {sorted(masks.MASKS)}, got "
+           f"{sampling.inpaint_mask!r}")
   _require(float(sampling.cfg_scale) == 0.0 or num_classes > 0,
            "sampling.cfg_scale needs a class-conditional model (model.num_classes > 0)")
 

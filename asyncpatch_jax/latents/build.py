@@ -1,0 +1,95 @@
+r"""Encode a data set split into a latent cache once, before latent-diffusion training.
+
+  python -m asyncpatch_jax.latents.build --source=tfds --tfds_name=imagenet2012 --split=train \
+      --image_size=256 --vae_weights=PATH/diffusion_pytorch_model.safetensors \
+      --out=CACHE/imagenet256/train
+  python -m asyncpatch_jax.latents.build --source=lsun \
+      --lsun_lmdb=PATH/church_outdoor_train_lmdb --image_size=256 \
+      --vae_weights=PATH/diffusion_pytorch_model.safetensors --out=CACHE/church256/train
+
+Interrupted? Run the same command again: complete shards are kept. Multi-host: run it on every
+host with --distributed (the batch is split over all devices; process 0 writes).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags, logging
+
+from asyncpatch_jax.autoencoder.vae import VAEConfig
+from asyncpatch_jax.autoencoder.weights import load_vae
+from asyncpatch_jax.latents.cache import build_latent_cache
+
+_SOURCE = flags.DEFINE_enum("source", "tfds", ["tfds", "lsun"], "Where the images come from.")
+_TFDS_NAME = flags.DEFINE_string("tfds_name", "imagenet2012", "TFDS data set (ArrayRecord).")
+_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data_dir ('' = default).")
+_SPLIT = flags.DEFINE_string("split", "train", "TFDS split.")
+_LABEL_KEY = flags.DEFINE_string("label_key", "label", "TFDS label feature ('' = none).")
+_LSUN_LMDB = flags.DEFINE_string("lsun_lmdb", "", "LSUN export directory (holds data.mdb).")
+_LSUN_SMALL = flags.DEFINE_enum("lsun_small_images", "error", ["error", "skip"],
+                                "LSUN images smaller than the crop: fail, or drop them.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Crop size (ADM centre crop + resize).")
+_VAE_WEIGHTS = flags.DEFINE_string("vae_weights", None, "SD VAE safetensors file.")
+_VAE_DTYPE = flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16"],
+                               "The VAE's computation dtype.")
+_OUT = flags.DEFINE_string("out", None, "Cache directory (one split).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Global batch (a multiple of devices).")
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", 10_000, "Examples per ArrayRecord shard.")
+_STORAGE_DTYPE = flags.DEFINE_enum("storage_dtype", "float32", ["float32", "float16"],
+                                   "dtype of the stored moments (float16 halves the cache).")
+_THREADS = flags.DEFINE_integer("num_threads", 16, "Image decoding threads per process.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+
+
+def make_source(source: str, *, image_size: int, tfds_name: str = "", split: str = "train",
+                tfds_data_dir: str = "", label_key: str = "label", lsun_lmdb: str = "",
+                lsun_small_images: str = "error") -> tuple[Any, str]:
+  """The random-access image source and a name for the cache metadata."""
+  if source == "tfds":
+    from asyncpatch_jax.data.sources import TfdsSource
+    return (TfdsSource(tfds_name, split, tfds_data_dir or None, label_key or None),
+            f"tfds:{tfds_name}/{split}")
+  if source == "lsun":
+    from asyncpatch_jax.latents.lsun import LsunSource
+    if not lsun_lmdb:
+      raise ValueError("--source=lsun needs --lsun_lmdb=DIR (the export holding data.mdb)")
+    # Listing 3M keys takes a while: keep the list next to the export unless that is read-only.
+    keys_file = os.path.normpath(lsun_lmdb) + f"_keys_{lsun_small_images}_{image_size}.txt"
+    if not (os.path.exists(keys_file) or os.access(os.path.dirname(keys_file) or ".", os.W_OK)):
+      keys_file = None
+    return (LsunSource(lsun_lmdb, image_size=image_size, small_images=lsun_small_images,
+                       keys_file=keys_file),
+            f"lsun:{os.path.basename(os.path.normpath(lsun_lmdb))}")
+  raise ValueError(f"unknown source {source!r}; choose 'tfds' or 'lsun'")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  try:  # TFDS may import TensorFlow: keep it off the accelerators JAX uses.
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+  except ImportError:
+    pass
+  vae = load_vae(_VAE_WEIGHTS.value, VAEConfig(), dtype=jnp.dtype(_VAE_DTYPE.value))
+  source, name = make_source(
+      _SOURCE.value, image_size=_IMAGE_SIZE.value, tfds_name=_TFDS_NAME.value,
+      split=_SPLIT.value, tfds_data_dir=_TFDS_DATA_DIR.value, label_key=_LABEL_KEY.value,
+      lsun_lmdb=_LSUN_LMDB.value, lsun_small_images=_LSUN_SMALL.value)
+  logging.info("encoding %s (%d images) into %s", name, len(source), _OUT.value)
+  build_latent_cache(source, vae, _OUT.value, image_size=_IMAGE_SIZE.value,
+                     batch_size=_BATCH_SIZE.value, shard_size=_SHARD_SIZE.value,
+                     storage_dtype=_STORAGE_DTYPE.value, source_name=name,
+                     weights_file=_VAE_WEIGHTS.value, num_threads=_THREADS.value,
+                     log=logging.info)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["vae_weights", "out"])
+  app.run(main)

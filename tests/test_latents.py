@@ -254,3 +254,34 @@ def test_lsun_reader(lsun_lmdb, tmp_path):
   built, name = make_source("lsun", image_size=32, lsun_lmdb=str(path),
                             lsun_small_images="skip")
   assert len(built) == 4 and name == "lsun:church_outdoor_train_lmdb"
+
+
+@pytest.mark.slow
+def test_build_cli_end_to_end(lsun_lmdb, tmp_path):
+  """The command line on the full-size SD VAE (a generated float16 file with the real key names)
+  over the test's LSUN export, interrupted by nothing; ≈30 s on two CPU cores."""
+  import subprocess
+  import sys
+
+  from asyncpatch_jax.autoencoder import weights
+
+  path, _ = lsun_lmdb
+  rng = np.random.default_rng(0)
+  tensors = {k: (rng.standard_normal(s, dtype=np.float32) / np.sqrt(np.prod(s[1:]))
+                 ).astype(np.float16) if len(s) > 1 else np.zeros(s, np.float16)
+             for k, s in weights.expected_tensors().items()}
+  weights_file = tmp_path / weights.HF_FILENAME
+  weights.write_safetensors(weights_file, weights.to_old_attention_names(tensors))
+  out = tmp_path / "cache"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  subprocess.run(
+      [sys.executable, "-m", "asyncpatch_jax.latents.build", "--source=lsun",
+       f"--lsun_lmdb={path}", "--lsun_small_images=skip", "--image_size=32",
+       f"--vae_weights={weights_file}", f"--out={out}", "--batch_size=2", "--shard_size=3",
+       "--num_threads=2"], check=True, env=env, timeout=600)
+  from asyncpatch_jax.autoencoder import load_vae
+  source = cache_lib.LatentCacheSource(out, vae=load_vae(weights_file), image_size=32)
+  assert len(source) == 4 and source.metadata["num_shards"] == 2
+  assert source.metadata["vae"]["weights_file"] == weights.HF_FILENAME
+  assert source[3]["mean"].shape == (2, 4, 4, 4)

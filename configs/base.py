@@ -66,7 +66,9 @@ def defaults() -> ml_collections.ConfigDict:
       "texture_scale": 1.0,
       "read_threads": 4,
       "prefetch_buffer_size": 8,      # batches buffered by the reading threads
-      "worker_count": 0,              # grain worker processes (0: read in this process)
+      # grain worker processes (0: read in this process). The saved iterator state depends on
+      # it: resume a run with the value it was started with.
+      "worker_count": 0,
       "worker_buffer_size": 2,
   })
 

@@ -151,6 +151,25 @@ def test_pipeline_gives_sharded_global_batches_and_resumes_exactly():
   assert np.array_equal(np.asarray(next(fresh)["image"]), np.asarray(b["image"]))
 
 
+def test_worker_processes_give_the_same_stream_and_resume():
+  config = textures.get_config("debug").data
+  sharding = _one_device_sharding()
+  reference = data_lib.create_train_pipeline(config, sharding)
+  expected = [np.asarray(next(reference)["image"]) for _ in range(5)]
+  reference.close()
+  with config.unlocked():
+    config.worker_count = 2
+  workers = data_lib.create_train_pipeline(config, sharding)
+  got = [np.asarray(next(workers)["image"]) for _ in range(3)]
+  state = workers.iterator.get_state()
+  workers.close()
+  resumed = data_lib.create_train_pipeline(config, sharding)
+  resumed.iterator.set_state(state)
+  got += [np.asarray(next(resumed)["image"]) for _ in range(2)]
+  resumed.close()
+  assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
 def test_eval_pipeline_is_ordered_and_finite():
   config = _data_config(batch_size=8, image_size=8, eval_split="test")
   pipe = data_lib.create_eval_pipeline(config, _one_device_sharding())

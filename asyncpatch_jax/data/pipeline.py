@@ -17,6 +17,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import flags
 from jax.sharding import NamedSharding
 
 from asyncpatch_jax.data import sources
@@ -111,6 +112,12 @@ class Pipeline:
     return {k: jax.make_array_from_process_local_data(
         self.sharding, v, (self.rows.global_batch, *v.shape[1:])) for k, v in local.items()}
 
+  def close(self) -> None:
+    """Stops reading threads and worker processes (otherwise they linger until exit)."""
+    close = getattr(self.iterator, "close", None)
+    if close is not None:
+      close()
+
 
 def _build(stream: Any, rows: ProcessRows, data_config: Any) -> grain.IterDataset:
   ds = grain.MapDataset.source(stream).batch(rows.size, drop_remainder=True)
@@ -118,6 +125,9 @@ def _build(stream: Any, rows: ProcessRows, data_config: Any) -> grain.IterDatase
       num_threads=int(data_config.read_threads),
       prefetch_buffer_size=int(data_config.prefetch_buffer_size)))
   if data_config.worker_count > 0:
+    # grain's workers read absl flags; outside an absl app (tests, notebooks) use the defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(data_config.worker_count),
         per_worker_buffer_size=int(data_config.worker_buffer_size)))

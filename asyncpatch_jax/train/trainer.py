@@ -135,7 +135,10 @@ def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
     parameter_overview.log_parameter_overview(
         state.params.to_pure_dict(), include_stats=jax.process_count() == 1,
         msg=f"parameters ({state_lib.num_params(state.params):,})", jax_logging_process=0)
-  logging.info("Parameter shardings: %s", state_lib.describe_shardings(setup.shardings))
+  specs = state_lib.describe_shardings(setup.shardings)
+  sharded = {k: v for k, v in specs.items() if v != "P()"}
+  logging.info("%d of %d parameter arrays sharded over fsdp%s", len(sharded), len(specs),
+               f": {sharded}" if len(sharded) <= 20 else "")
 
   train_step = step_lib.jit_train_step(step_lib.make_train_step(config, setup), setup,
                                        batch_sharding)
@@ -201,6 +204,7 @@ def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
   finally:
     preemption.close()
     checkpointer.close()
+    train_data.close()
     writer.flush()
   return state
 

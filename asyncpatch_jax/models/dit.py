@@ -1,0 +1,283 @@
+"""DiT with per-token adaLN-Zero: every token is modulated by its own level (Peebles & Xie 2023).
+
+The architecture, initialisation and parameter count are DiT's: patch embedding, fixed sin-cos
+position embedding, blocks of [adaLN-modulated attention, adaLN-modulated MLP] with zero-init
+gates, and an adaLN final layer (zero init) that unpatchifies. The one change: DiT's conditioning
+vector `c = emb(t) + emb(y)` is per example; here `c_i = emb(t_i) + emb(y)` is per token, so each
+token's shift/scale/gate come from its own noise level. Scalar levels `t: [B]` give exactly DiT.
+
+Per-token modulation done densely costs ~1.5× DiT's FLOPs; see `slots.py` for how the same
+function is computed once per distinct level instead (`level_slots` = K), with a dense fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from asyncpatch_jax.diffusion.parametrization import check_parametrization
+from asyncpatch_jax.diffusion.schedules import Schedule
+from asyncpatch_jax.models import common
+from asyncpatch_jax.models.embeddings import ClassEmbedding, LevelEmbedding
+from asyncpatch_jax.models.slots import LevelSlots, choose_path, find_level_slots, gather_slots
+
+Array = jax.Array
+# (hidden size, depth, heads), from DiT's Table 1.
+DIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+
+_xavier = nnx.initializers.xavier_uniform()
+_zeros = nnx.initializers.zeros_init()
+
+
+class Conditioning(NamedTuple):
+  """SiLU(c) at `R` rows per example, and how tokens read them.
+
+  `rows: [B, R, d]` with R = 1 (scalar levels: broadcast), R = N (dense: one row per token) or
+  R = K (slots: token i reads row `index[b, i]`).
+  """
+
+  rows: Array
+  index: Array | None = None
+
+  def per_token(self, rows: Array) -> Array:
+    """Maps a row-wise function's output `[B, R, D]` to tokens: `[B, N, D]` or `[B, 1, D]`."""
+    return rows if self.index is None else gather_slots(rows, self.index)
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+  return x * (1 + scale) + shift
+
+
+def sincos_position_embedding(grid: Sequence[int], dim: int) -> np.ndarray:
+  """DiT's fixed sin-cos position embedding for a 1-D or 2-D token grid, `[prod(grid), dim]`."""
+
+  def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10_000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  if len(grid) == 1:
+    if dim % 2:
+      raise ValueError(f"1-D position embedding needs an even hidden size, got {dim}")
+    return one_axis(dim, np.arange(grid[0])).astype(np.float32)
+  if dim % 4:
+    raise ValueError(f"2-D position embedding needs a hidden size divisible by 4, got {dim}")
+  coords = np.meshgrid(np.arange(grid[1]), np.arange(grid[0]))  # as DiT: w first
+  return np.concatenate([one_axis(dim // 2, coords[0]), one_axis(dim // 2, coords[1])],
+                        axis=1).astype(np.float32)
+
+
+def patchify(x: Array, patch: int) -> Array:
+  """`[B, *S, C]` → `[B, N, p^n C]`, tokens in row-major order of the `S/p` grid."""
+  b, *spatial, c = x.shape
+  split = [b]
+  for s in spatial:
+    split += [s // patch, patch]
+  x = x.reshape(*split, c)
+  n = len(spatial)
+  x = x.transpose(0, *range(1, 2 * n, 2), *range(2, 2 * n + 1, 2), 2 * n + 1)
+  return x.reshape(b, int(np.prod(spatial)) // patch**n, patch**n * c)
+
+
+def unpatchify(x: Array, grid: Sequence[int], patch: int) -> Array:
+  """The inverse of `patchify`: `[B, N, p^n C]` → `[B, *grid·p, C]`."""
+  b, n = x.shape[0], len(grid)
+  c = x.shape[-1] // patch**n
+  x = x.reshape(b, *grid, *(patch,) * n, c)
+  order = [0]
+  for axis in range(n):
+    order += [1 + axis, 1 + n + axis]
+  x = x.transpose(*order, 2 * n + 1)
+  return x.reshape(b, *(g * patch for g in grid), c)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention (fused qkv with bias, output projection)."""
+
+  def __init__(self, dim: int, num_heads: int, *, dtype, implementation: str | None,
+               rngs: nnx.Rngs, out_init=_xavier):
+    if dim % num_heads:
+      raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.implementation = implementation
+    self.qkv = nnx.Linear(dim, 3 * dim, kernel_init=_xavier, dtype=dtype, rngs=rngs)
+    self.proj = nnx.Linear(dim, dim, kernel_init=out_init, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    b, n, d = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    return self.proj(h.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(dim, hidden, kernel_init=_xavier, dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, kernel_init=_xavier, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return self.fc2(nnx.gelu(self.fc1(x), approximate=True))
+
+
+class DiTBlock(nnx.Module):
+  """adaLN-Zero block; the 6 modulation vectors are computed per conditioning row."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, dtype,
+               attention_impl: str | None, rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype,
+                               rngs=rngs)
+    self.attn = Attention(dim, num_heads, dtype=dtype, implementation=attention_impl, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype,
+                               rngs=rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+    self.adaln = nnx.Linear(dim, 6 * dim, kernel_init=_zeros, bias_init=_zeros, dtype=dtype,
+                            rngs=rngs)
+
+  def __call__(self, x: Array, cond: Conditioning) -> Array:
+    m = cond.per_token(self.adaln(cond.rows))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(m, 6, axis=-1)
+    x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+    return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nnx.Module):
+  def __init__(self, dim: int, out_features: int, *, dtype, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(dim, epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype,
+                              rngs=rngs)
+    self.adaln = nnx.Linear(dim, 2 * dim, kernel_init=_zeros, bias_init=_zeros, dtype=dtype,
+                            rngs=rngs)
+    self.linear = nnx.Linear(dim, out_features, kernel_init=_zeros, bias_init=_zeros,
+                             dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array, cond: Conditioning) -> Array:
+    shift, scale = jnp.split(cond.per_token(self.adaln(cond.rows)), 2, axis=-1)
+    return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nnx.Module):
+  """DiT with per-token levels. See the module docstring; arguments mirror `default_config()`.
+
+  Args:
+    data_shape: `(H, W, C)` or `(L, C)`, the input without batch.
+    level_patch_size: the level map's patch `p_l`; it must be a multiple of the DiT patch `p`
+      (each level then covers `(p_l/p)^n` DiT tokens): a DiT token reads one level.
+    patch_size: the DiT patch `p`.
+    level_slots: K, the distinct levels per example handled by the slot path at inference
+      (`deterministic=True`); 0 always takes the dense per-token path.
+  """
+
+  def __init__(self, *, data_shape: Sequence[int], level_patch_size: int, patch_size: int = 2,
+               hidden_size: int = 384, depth: int = 12, num_heads: int = 6,
+               mlp_ratio: float = 4.0, num_classes: int = 0, uncertainty: bool = False,
+               parametrization: str = "eps", level_embedding: str = "t",
+               schedule: Schedule | None = None, level_slots: int = 8, dtype: str = "float32",
+               attention_impl: str | None = None, rngs: nnx.Rngs):
+    check_parametrization(parametrization)
+    self.data_shape = tuple(int(d) for d in data_shape)
+    self.grid = common.spatial_grid(self.data_shape, patch_size, "DiT patch size")
+    self.level_grid = common.spatial_grid(self.data_shape, level_patch_size, "level patch size")
+    if level_patch_size % patch_size:
+      raise ValueError(
+          f"DiT: the level patch size {level_patch_size} must be a multiple of the DiT patch "
+          f"size {patch_size}, so that every DiT token has one level; use level_patch_size="
+          f"{patch_size} (one level per DiT token) or a multiple of it")
+    if schedule is None and (uncertainty or level_embedding == "log_snr"):
+      raise ValueError("DiT: the uncertainty head and log-SNR embedding need the schedule")
+    if level_slots < 0:
+      raise ValueError(f"level_slots must be >= 0, got {level_slots}")
+    compute_dtype = common.resolve_dtype(dtype)
+    self.patch_size = int(patch_size)
+    self.level_patch_size = int(level_patch_size)
+    self.channels = self.data_shape[-1]
+    self.hidden_size = int(hidden_size)
+    self.num_classes = int(num_classes)
+    self.uncertainty = bool(uncertainty)
+    self.parametrization = parametrization
+    self.schedule = schedule
+    self.level_slots = int(level_slots)
+    self.num_tokens = int(np.prod(self.grid))
+    out_channels = 2 * self.channels if uncertainty else self.channels
+    n = len(self.grid)
+
+    self.patch_embed = nnx.Linear(patch_size**n * self.channels, hidden_size,
+                                  kernel_init=_xavier, dtype=compute_dtype, rngs=rngs)
+    self.level_embed = LevelEmbedding(hidden_size, kind=level_embedding, schedule=schedule,
+                                      dtype=compute_dtype, init_std=0.02, rngs=rngs)
+    self.class_embed = (ClassEmbedding(num_classes, hidden_size, dtype=compute_dtype, rngs=rngs)
+                        if num_classes else None)
+    self.blocks = nnx.List([
+        DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=compute_dtype,
+                 attention_impl=attention_impl, rngs=rngs) for _ in range(depth)])
+    self.final = FinalLayer(hidden_size, patch_size**n * out_channels, dtype=compute_dtype,
+                            rngs=rngs)
+    self.compute_dtype = compute_dtype
+
+  # The three ways to build the conditioning; all give SiLU(emb(t_i) + emb(y)) per token.
+  def scalar_conditioning(self, t: Array, y: Array | None) -> Conditioning:
+    """`t: [B]` (one level per example): one row, broadcast over tokens (exactly DiT)."""
+    c = self.level_embed(t)[:, None]
+    return Conditioning(nnx.silu(c if y is None else c + y))
+
+  def dense_conditioning(self, t_tokens: Array, y: Array | None) -> Conditioning:
+    """`t_tokens: [B, N]`: one row per token (the naive per-token adaLN)."""
+    c = self.level_embed(t_tokens)
+    return Conditioning(nnx.silu(c if y is None else c + y))
+
+  def slot_conditioning(self, slots: LevelSlots, y: Array | None) -> Conditioning:
+    """One row per distinct level (K slots); exact only if every example fits (`slots.fits`)."""
+    c = self.level_embed(slots.values)
+    return Conditioning(nnx.silu(c if y is None else c + y), slots.index)
+
+  def token_levels(self, t: Array) -> Array:
+    """The level map `[B, *spatial/p_l]` → per DiT token `[B, N]`."""
+    t = common.repeat_spatial(t, self.level_patch_size // self.patch_size, len(self.grid))
+    return t.reshape(t.shape[0], self.num_tokens)
+
+  def forward_tokens(self, z: Array, cond: Conditioning) -> Array:
+    """The transformer on patchified `z` under a given conditioning → `[B, N, p^n C_out]`."""
+    x = self.patch_embed(patchify(z.astype(self.compute_dtype), self.patch_size))
+    pos = sincos_position_embedding(self.grid, self.hidden_size)
+    x = x + jnp.asarray(pos, x.dtype)
+    for block in self.blocks:
+      x = block(x, cond)
+    return self.final(x, cond)
+
+  def __call__(self, z: Array, t: Array, labels: Array | None = None, *,
+               deterministic: bool = True) -> common.ModelOutput:
+    """Predicts the output (and log-variance) for `z: [B, *spatial, C]` at levels `t`.
+
+    With `deterministic=True` and a level map, the slot path runs when every example has at
+    most `level_slots` distinct levels, else the dense path (one `lax.cond` for the batch;
+    under `vmap` the condition is batched and both paths run). Training uses the dense path.
+    """
+    common.check_data(z, self.data_shape, "DiT")
+    batch = z.shape[0]
+    t = common.check_level_map(t, batch, self.level_grid, self.level_patch_size, "DiT")
+    labels = common.check_labels(labels, batch, self.num_classes, "DiT")
+    y = None if self.class_embed is None else self.class_embed(labels)[:, None]
+    if t.ndim == 1:
+      out = self.forward_tokens(z, self.scalar_conditioning(t, y))
+    else:
+      t_tokens = self.token_levels(t)
+      out = self._per_token(z, t_tokens, y, deterministic)
+    out = unpatchify(out, self.grid, self.patch_size)
+    return common.split_head(out, t, channels=self.channels, uncertainty=self.uncertainty,
+                             schedule=self.schedule, parametrization=self.parametrization,
+                             data_shape=self.data_shape, level_patch=self.level_patch_size)
+
+  def _per_token(self, z: Array, t_tokens: Array, y: Array | None,
+                 deterministic: bool) -> Array:
+    dense = lambda: self.forward_tokens(z, self.dense_conditioning(t_tokens, y))
+    # Training maps are almost never few-valued, so training skips the cond (and its compile).
+    if not deterministic or not 0 < self.level_slots < self.num_tokens:
+      return dense()
+    slots = find_level_slots(t_tokens, self.level_slots)
+    return choose_path(slots.fits,
+                       lambda: self.forward_tokens(z, self.slot_conditioning(slots, y)), dense)

@@ -1,0 +1,107 @@
+"""The model config and the config-selected registry (`config.model.name`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import ml_collections
+from flax import nnx
+
+from asyncpatch_jax.diffusion.parametrization import PARAMETRIZATIONS
+from asyncpatch_jax.diffusion.schedules import Schedule
+from asyncpatch_jax.models.dit import DIT_SIZES, DiT
+from asyncpatch_jax.models.embeddings import LEVEL_EMBEDDINGS
+from asyncpatch_jax.models.unet import UNet
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every model field with its default; training configs override what they need."""
+  config = ml_collections.ConfigDict()
+  config.name = "unet"  # 'unet' (the paper's) or 'dit'
+  config.parametrization = "eps"  # what the network outputs: 'eps', 'x0' or 'v'
+  config.uncertainty = False  # add the per-element log-variance head
+  config.num_classes = 0  # 0: unconditional; else labels in [0, num_classes), null = num_classes
+  config.label_dropout = 0.1  # p of the null label in training (used by the train step)
+  config.level_embedding = "t"  # sinusoid of 't' or of 'log_snr' (schedule-independent)
+  config.level_slots = 8  # K distinct levels per example on the fast path at inference; 0: off
+  config.dtype = "float32"  # compute dtype ('bfloat16' on accelerators); params stay float32
+  config.attention_impl = ml_collections.config_dict.placeholder(str)  # jax.nn attention impl
+
+  # U-Net (ADM-style).
+  config.channels = 128
+  config.channel_mult = (1, 2, 2, 2)
+  config.num_res_blocks = 2
+  config.attention_resolutions = (16,)  # spatial sizes (first spatial axis) with attention
+  config.dropout = 0.1
+  config.num_heads = 4
+  config.norm_groups = 32
+
+  # DiT: size and patch name the published model (e.g. 'XL' and 2 for DiT-XL/2).
+  config.dit_size = "B"  # 'S', 'B', 'L' or 'XL'
+  config.dit_patch = 2
+  config.dit_hidden_size = ml_collections.config_dict.placeholder(int)  # overrides the size's
+  config.dit_depth = ml_collections.config_dict.placeholder(int)
+  config.dit_num_heads = ml_collections.config_dict.placeholder(int)
+  config.dit_mlp_ratio = 4.0
+  return config
+
+
+def _check_common(config: ml_collections.ConfigDict) -> None:
+  if config.parametrization not in PARAMETRIZATIONS:
+    raise ValueError(f"unknown model.parametrization {config.parametrization!r}; choose one of "
+                     f"{PARAMETRIZATIONS}")
+  if config.level_embedding not in LEVEL_EMBEDDINGS:
+    raise ValueError(f"unknown model.level_embedding {config.level_embedding!r}; choose one of "
+                     f"{LEVEL_EMBEDDINGS}")
+  if int(config.num_classes) < 0:
+    raise ValueError(f"model.num_classes must be >= 0, got {config.num_classes}")
+
+
+def _common_kwargs(config: ml_collections.ConfigDict, data_shape, level_patch_size, schedule,
+                   rngs) -> dict:
+  return dict(data_shape=tuple(data_shape), level_patch_size=int(level_patch_size),
+              num_classes=int(config.num_classes), uncertainty=bool(config.uncertainty),
+              parametrization=config.parametrization, level_embedding=config.level_embedding,
+              schedule=schedule, level_slots=int(config.level_slots), dtype=config.dtype,
+              attention_impl=config.attention_impl, rngs=rngs)
+
+
+def build_unet(config, *, data_shape, level_patch_size, schedule, rngs) -> UNet:
+  return UNet(channels=int(config.channels), channel_mult=tuple(config.channel_mult),
+              num_res_blocks=int(config.num_res_blocks),
+              attention_resolutions=tuple(config.attention_resolutions),
+              dropout=float(config.dropout), num_heads=int(config.num_heads),
+              norm_groups=int(config.norm_groups),
+              **_common_kwargs(config, data_shape, level_patch_size, schedule, rngs))
+
+
+def dit_dimensions(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(hidden size, depth, heads) of `config.dit_size`, with any `dit_*` overrides applied."""
+  if config.dit_size not in DIT_SIZES:
+    raise ValueError(f"unknown model.dit_size {config.dit_size!r}; choose one of "
+                     f"{list(DIT_SIZES)}")
+  hidden, depth, heads = DIT_SIZES[config.dit_size]
+  return (config.dit_hidden_size or hidden, config.dit_depth or depth,
+          config.dit_num_heads or heads)
+
+
+def build_dit(config, *, data_shape, level_patch_size, schedule, rngs) -> DiT:
+  hidden, depth, heads = dit_dimensions(config)
+  return DiT(patch_size=int(config.dit_patch), hidden_size=hidden, depth=depth, num_heads=heads,
+             mlp_ratio=float(config.dit_mlp_ratio),
+             **_common_kwargs(config, data_shape, level_patch_size, schedule, rngs))
+
+
+MODELS: dict[str, Callable[..., nnx.Module]] = {"unet": build_unet, "dit": build_dit}
+
+
+def get_model(model_config: ml_collections.ConfigDict, *, data_shape: Sequence[int],
+              level_patch_size: int, schedule: Schedule | None, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds `MODELS[model_config.name]` for inputs `[B, *data_shape]` and level maps of patch
+  `level_patch_size`. Wrap in `nnx.eval_shape(lambda: get_model(...))` for an abstract model."""
+  if model_config.name not in MODELS:
+    raise ValueError(f"unknown model.name {model_config.name!r}; choose one of {sorted(MODELS)}")
+  _check_common(model_config)
+  return MODELS[model_config.name](model_config, data_shape=tuple(data_shape),
+                                   level_patch_size=level_patch_size, schedule=schedule,
+                                   rngs=rngs)

@@ -1,0 +1,104 @@
+"""What a sampling run leaves in its output folder, for `main.py --mode=sample`.
+
+`write_outputs` writes `samples.png` (a grid, for 2-D images with 1 or 3 channels),
+`inputs.png` (the masked input, when inpainting), `samples.npz`, `settings.json` (every setting
+plus the NFE) and `levels.gif` (when the run recorded its level maps). Every file is written to
+a temporary name in the same folder and renamed into place, so a crash leaves either the
+previous file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from asyncpatch_jax import visualize
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_jsonable(v) for v in value]
+  if hasattr(value, "shape") and hasattr(value, "dtype"):  # numpy / jax arrays and scalars
+    array = np.asarray(value)
+    return array.item() if array.ndim == 0 else array.tolist()
+  if isinstance(value, str | int | float | bool) or value is None:
+    return value
+  return repr(value)
+
+
+def _is_image_batch(array: np.ndarray) -> bool:
+  return array.ndim == 4 and array.shape[-1] in (1, 3)
+
+
+def write_outputs(samples: Any, info: Mapping[str, Any], settings: Mapping[str, Any],
+                  outdir: str | os.PathLike, *, known: Any = None,
+                  known_mask: Any = None, nrow: int | None = None) -> dict[str, str]:
+  """Writes a sampling run's outputs into `outdir` (created); returns {kind: path}.
+
+  Args:
+    samples: `[B, *spatial, C]` in [−1, 1].
+    info: the sampler's info ('nfe', 'nfe_per_example', 'num_steps', optional 'levels').
+    settings: every setting of the run (strategy, steps, checkpoint, seed, ...), JSON-able.
+    known, known_mask: the inpainting input, drawn as `inputs.png` when both are given.
+  """
+  outdir = os.fspath(outdir)
+  os.makedirs(outdir, exist_ok=True)
+  samples = np.asarray(samples, np.float32)
+  written: dict[str, str] = {}
+
+  def path(name: str) -> str:
+    return os.path.join(outdir, name)
+
+  if _is_image_batch(samples):
+    visualize.save_image_grid(samples, path("samples.png"), nrow)
+    written["grid"] = path("samples.png")
+    if known is not None and known_mask is not None:
+      inputs = visualize.masked_images(np.broadcast_to(np.asarray(known, np.float32),
+                                                       samples.shape), known_mask)
+      visualize.save_image_grid(inputs, path("inputs.png"), nrow)
+      written["inputs"] = path("inputs.png")
+
+  arrays = {"samples": samples}
+  for key in ("nfe_per_example",):
+    if key in info:
+      arrays[key] = np.asarray(info[key])
+  if known_mask is not None:
+    arrays["known_mask"] = np.asarray(known_mask, bool)
+  levels = None
+  if "levels" in info:
+    steps = int(np.asarray(info.get("num_steps", np.asarray(info["levels"]).shape[0] - 1)))
+    levels = visualize.trim_levels(info["levels"], steps)
+    arrays["levels"] = levels
+
+  def write_npz(tmp: str) -> None:
+    with open(tmp, "wb") as f:
+      np.savez_compressed(f, **arrays)
+
+  visualize.write_atomic(path("samples.npz"), write_npz)
+  written["npz"] = path("samples.npz")
+
+  record = dict(_jsonable(dict(settings)))
+  record["nfe"] = _jsonable(info.get("nfe"))
+  if "num_steps" in info:
+    record["loop_steps"] = _jsonable(info["num_steps"])
+  if "nfe_per_example" in info:
+    record["nfe_per_example_mean"] = float(np.mean(np.asarray(info["nfe_per_example"])))
+
+  def write_json(tmp: str) -> None:
+    with open(tmp, "w") as f:
+      json.dump(record, f, indent=2, sort_keys=True)
+      f.write("\n")
+
+  visualize.write_atomic(path("settings.json"), write_json)
+  written["settings"] = path("settings.json")
+
+  if levels is not None and levels.ndim in (3, 4):
+    visualize.save_level_map_gif(levels, path("levels.gif"))
+    written["levels_gif"] = path("levels.gif")
+  return written

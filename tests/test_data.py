@@ -183,11 +183,12 @@ def test_eval_pipeline_is_ordered_and_finite():
 
 def test_reference_images_span_the_split():
   config = mnist.get_config().data
-  images = data_lib.reference_images(config, 10)
-  assert images.shape == (10, 32, 32, 1)
-  labels = [sources.mnist_source("test")[int(i)]["label"]
-            for i in np.linspace(0, 499, 10).round().astype(int)]
-  assert len(set(labels)) > 3
+  images, labels = data_lib.reference_images(config, 10)
+  assert images.shape == (10, 32, 32, 1) and labels.shape == (10,)
+  test = sources.mnist_source("test")
+  for image, label, i in zip(images, labels, np.linspace(0, 499, 10).round().astype(int)):
+    assert np.array_equal(image, test[int(i)]["image"]) and label == test[int(i)]["label"]
+  assert len(set(labels.tolist())) > 3
 
 
 @pytest.mark.parametrize("config_module", [cifar10, imagenet, lsun, celeba_hq],

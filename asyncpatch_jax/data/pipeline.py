@@ -159,16 +159,19 @@ def create_eval_pipeline(data_config: Any, sharding: NamedSharding, *,
   return Pipeline(_build(stream, rows, data_config), sharding, rows, stream.num_batches)
 
 
-def reference_images(data_config: Any, num: int, split: str | None = None) -> np.ndarray:
-  """The first `num` preprocessed images of a split as uint8 `[num, H, W, C]`, on every host.
+def reference_images(data_config: Any, num: int, split: str | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """`num` preprocessed images of a split, uint8 `[num, H, W, C]`, and their int32 labels.
 
-  Used as the fixed known context of the inpainting grids.
+  The same on every host; the fixed known context of the inpainting grids. Strided through the
+  split so the grid shows a variety (MNIST-like sets are sorted by class).
   """
   source = sources.get_source(data_config, split or data_config.eval_split)
   preprocess = make_preprocess(data_config, train=False)
-  # Stride through the split so the grid shows a variety (MNIST-like sets are class-sorted).
   idx = np.linspace(0, len(source) - 1, num).round().astype(int)
-  return np.stack([preprocess(source[int(i)])["image"] for i in idx])
+  records = [preprocess(source[int(i)]) for i in idx]
+  return (np.stack([r["image"] for r in records]),
+          np.asarray([r["label"] for r in records], np.int32))
 
 
 def to_model_range(images: jax.Array | np.ndarray) -> jax.Array:

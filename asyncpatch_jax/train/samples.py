@@ -28,18 +28,23 @@ def _class_labels(n: int, num_classes: int) -> jax.Array | None:
 
 def make_sample_fn(config: Any, setup: state_lib.StateSetup, num: int, *, inpaint: bool
                    ) -> Any:
-  """jit'd `(params, model_state, key[, known, known_mask]) -> samples [num, H, W, C]`."""
+  """jit'd `(params, model_state, key[, known, known_mask, labels]) -> samples [num, H, W, C]`.
+
+  Class-conditional models draw classes 0, 1, 2, … in turn unless `labels` are given.
+  """
   schedule = state_lib.make_schedule(config.diffusion)
   patch = int(config.diffusion.patch_size)
   num_classes = int(config.model.num_classes)
   scfg = config.sampling
   x_shape = (num, *state_lib.data_shape(config))
 
-  def run(params, model_state, key, known=None, mask=None):
+  def run(params, model_state, key, known=None, mask=None, labels=None):
     model = setup.model_def.merge(params, model_state)
+    if labels is None:
+      labels = _class_labels(num, num_classes)
     denoiser = models.make_denoiser(
         model, schedule=schedule, parametrization=config.model.parametrization,
-        patch_size=patch, labels=_class_labels(num, num_classes),
+        patch_size=patch, labels=labels if num_classes else None,
         cfg_scale=float(scfg.cfg_scale), num_classes=num_classes)
     kwargs = {}
     if inpaint:
@@ -73,7 +78,7 @@ class SampleWriter:
                                   int(config.diffusion.patch_size))[1:]
       self._mask = sampling.masks.make_mask(config.sampling.inpaint_mask, self.num_inpaint,
                                             grid, seed=int(config.seed))
-      images = data_lib.reference_images(config.data, self.num_inpaint)
+      images, self._labels = data_lib.reference_images(config.data, self.num_inpaint)
       self._known = np.asarray(data_lib.to_model_range(images))
     self._root = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5A31E)
 
@@ -82,10 +87,12 @@ class SampleWriter:
     params = state.ema[self.ema]
     key = jax.random.fold_in(self._root, step)
     out = {"samples": np.asarray(self._sample(params, state.model_state, key))}
-    nrow = {"samples": None}
+    classes = int(self.config.model.num_classes)
+    nrow = {"samples": classes if 0 < classes <= 16 else None}  # a column per class
     if self._inpaint is not None:
       done = np.asarray(self._inpaint(params, state.model_state, jax.random.fold_in(key, 1),
-                                      jnp.asarray(self._known), jnp.asarray(self._mask)))
+                                      jnp.asarray(self._known), jnp.asarray(self._mask),
+                                      jnp.asarray(self._labels)))
       context = visualize.masked_images(self._known, self._mask)
       # Rows: the known context (unknown tokens grey), the completion, the original.
       out["inpaint"] = np.concatenate([context, done, self._known], axis=0)

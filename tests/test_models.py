@@ -36,7 +36,7 @@ def tiny_config(name: str, **overrides):
   config.dit_hidden_size = 32
   config.dit_depth = 2
   config.dit_num_heads = 2
-  config.level_slots = 4
+  config.level_slots = 0  # one compiled path; the tests of the path switch turn the slots on
   config.update(overrides)
   return config
 
@@ -225,7 +225,8 @@ def test_homogeneous_map_equals_scalar_levels(name, data_shape, p, overrides):
                            (2, *grid_of(data_shape, p)))
   scalar = build(tiny_config(name, uncertainty=True, **overrides), data_shape, p)
   reference = apply(scalar, z, levels, labels)
-  for level_slots in (0, 4):  # the dense per-token path and the slot path
+  # The dense per-token path, and the path switch (which takes the scalar-level network).
+  for level_slots in (0, 4):
     model = build(tiny_config(name, uncertainty=True, level_slots=level_slots, **overrides),
                   data_shape, p)
     out = apply(model, z, t_map, labels)
@@ -253,19 +254,35 @@ def test_slot_path_equals_dense_path(name, data_shape, p, overrides):
                .max()) > 1e-3
 
 
-def test_slot_conditioning_is_exercised():
-  """Calling the DiT's slot path directly (no fallback possible) matches the dense path."""
+@pytest.mark.parametrize("name", ["unet", "dit"])
+def test_slot_path_called_directly_matches_dense(name):
+  """The slot path itself (no switch, no fallback) on few-level and homogeneous maps."""
   data_shape, p = (8, 8, 3), 2
-  model = build(tiny_config("dit"), data_shape, p)
+  graphdef, state = nnx.split(build(tiny_config(name, level_slots=3), data_shape, p))
   z, _, labels = inputs(data_shape, p)
-  t = model.token_levels(few_level_map(data_shape, p))
-  y = model.class_embed(labels)[:, None]
-  slots = models.find_level_slots(t, 3)
-  assert slots.values.shape == (2, 3) and bool(slots.fits)
-  cond = model.slot_conditioning(slots, y)
-  assert cond.rows.shape == (2, 3, 32)
-  assert_close(model.forward_tokens(z, cond),
-               model.forward_tokens(z, model.dense_conditioning(t, y)))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(path, state, z, t, labels):
+    m = nnx.merge(graphdef, state)
+    if name == "dit":
+      y, t_tokens = m.class_embed(labels)[:, None], m.token_levels(t)
+      if path == "slots":
+        cond = m.slot_conditioning(models.find_level_slots(t_tokens, 3), y)
+        assert cond.rows.shape == (2, 3, 32) and cond.index.shape == (2, 16)
+      else:
+        cond = m.dense_conditioning(t_tokens, y)
+      return m.forward_tokens(z, cond)
+    y = m.class_embed(labels)
+    if path == "slots":
+      conds = m.slot_conditions(t, models.find_level_slots(t.reshape(2, -1), 3), y)
+    else:
+      conds = m.dense_conditions(t, y)
+    return m.forward(z, conds, True)
+
+  homogeneous = jnp.broadcast_to(jnp.array([0.3, 0.6])[:, None, None], (2, 4, 4))
+  for t in (few_level_map(data_shape, p), homogeneous):
+    assert bool(models.find_level_slots(t.reshape(2, -1), 3).fits)
+    assert_close(run("slots", state, z, t, labels), run("dense", state, z, t, labels))
 
 
 def test_class_conditioning_and_null_label():
@@ -375,7 +392,7 @@ def test_sharded_forward_matches_single_device(name, data_shape, p, overrides):
   assert jax.device_count() >= 8, "tests/conftest.py should give 8 CPU devices"
   # Automatic (GSPMD) axes, as asyncpatch_jax/train/mesh.py builds them.
   mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
-  model = build(tiny_config(name, uncertainty=True, **overrides), data_shape, p)
+  model = build(tiny_config(name, uncertainty=True, level_slots=4, **overrides), data_shape, p)
   graphdef, state = nnx.split(model)
   z, t_many, labels = inputs(data_shape, p, batch=8)
   t_few = few_level_map(data_shape, p, batch=8)
@@ -390,7 +407,9 @@ def test_sharded_forward_matches_single_device(name, data_shape, p, overrides):
   assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(state_sharding))
   batch = NamedSharding(mesh, P("data"))
   sharded = jax.jit(forward, out_shardings=(batch, batch))
-  for t in (t_few, t_many):  # the slot path and the dense path of the same compiled function
+  t_homogeneous = jnp.broadcast_to(t_many[:, :1, :1], t_many.shape)
+  # The homogeneous, slot and dense paths of the same compiled function.
+  for t in (t_homogeneous, t_few, t_many):
     args = [jax.device_put(a, batch) for a in (z, t, labels)]
     out = sharded(sharded_state, *args)
     assert out[0].sharding.spec == P("data")
@@ -460,11 +479,11 @@ def test_denoiser_matches_model_and_cfg_formula():
   assert pred.x0.shape == z.shape and pred.variance.shape == z.shape
   assert_close(pred.x0, cond.x0)
   assert_close(pred.variance, cond.variance)
-  # A traced scale 0 runs both branches and still equals the conditional prediction.
-  zero = jnp.float32(0.0)
-  assert_close(jax.jit(models.make_denoiser(model, labels=labels, cfg_scale=zero, **kw))(
-      z, t).x0, cond.x0)
-  guided = jax.jit(models.make_denoiser(model, labels=labels, cfg_scale=2.5, **kw))(z, t)
+  # A traced scale runs both branches in one batched call; at 0 it is the conditional one.
+  guide = jax.jit(lambda scale: models.make_denoiser(model, labels=labels, cfg_scale=scale,
+                                                     **kw)(z, t))
+  assert_close(guide(jnp.float32(0.0)).x0, cond.x0)
+  guided = guide(jnp.float32(2.5))
   assert_close(guided.x0, cond.x0 + 2.5 * (cond.x0 - uncond.x0))
   assert_close(guided.variance, cond.variance)
   assert float(jnp.abs(guided.x0 - cond.x0).max()) > 1e-3
@@ -474,7 +493,7 @@ def test_denoiser_matches_model_and_cfg_formula():
 
 def test_denoiser_in_jit_scan_and_from_split_model():
   data_shape, p = (8, 8, 3), 2
-  model = build(tiny_config("unet"), data_shape, p)
+  model = build(tiny_config("dit", level_slots=4), data_shape, p)  # the path switch in a scan
   z, _, labels = inputs(data_shape, p)
   kw = dict(schedule=SCHEDULE, parametrization="eps", patch_size=p, num_classes=NUM_CLASSES,
             labels=labels, cfg_scale=1.5)
@@ -531,3 +550,18 @@ def test_sinusoidal_embedding_values():
   np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0], atol=1e-7)
   freqs = np.exp(-np.log(10_000) * np.arange(4) / 4)
   np.testing.assert_allclose(emb[1], np.concatenate([np.cos(freqs), np.sin(freqs)]), rtol=1e-6)
+
+
+def test_level_features():
+  """'t': 1000 t (DiT's timestep scale); 'log_snr': λ mapped from [20, −20] onto [0, 1000], the
+  same for any schedule, so a λ-conditioned network can be sampled under another schedule."""
+  from asyncpatch_jax.models.embeddings import level_feature
+
+  t = jnp.linspace(0.0, 1.0, 11)
+  np.testing.assert_allclose(level_feature(t, "t", None), 1000 * t, rtol=1e-6)
+  for schedule in (SCHEDULE, get_schedule("linear")):
+    feature = level_feature(t, "log_snr", schedule)
+    np.testing.assert_allclose(feature, 25.0 * (20.0 - schedule.log_snr(t)), rtol=1e-5)
+    assert bool(jnp.all(jnp.diff(feature) > 0))
+  with pytest.raises(ValueError, match="needs the noise schedule"):
+    level_feature(t, "log_snr", None)

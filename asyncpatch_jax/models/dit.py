@@ -253,9 +253,10 @@ class DiT(nnx.Module):
                deterministic: bool = True) -> common.ModelOutput:
     """Predicts the output (and log-variance) for `z: [B, *spatial, C]` at levels `t`.
 
-    With `deterministic=True` and a level map, the slot path runs when every example has at
-    most `level_slots` distinct levels, else the dense path (one `lax.cond` for the batch;
-    under `vmap` the condition is batched and both paths run). Training uses the dense path.
+    With `deterministic=True` and a level map, the cheapest exact path runs (`choose_path`):
+    the scalar-level DiT if every example is homogeneous, the slot path if every example has at
+    most `level_slots` distinct levels, else the dense path (one `lax.switch` for the batch;
+    under `vmap` the switch is batched and every path runs). Training uses the dense path.
     """
     common.check_data(z, self.data_shape, "DiT")
     batch = z.shape[0]
@@ -279,5 +280,9 @@ class DiT(nnx.Module):
     if not deterministic or not 0 < self.level_slots < self.num_tokens:
       return dense()
     slots = find_level_slots(t_tokens, self.level_slots)
-    return choose_path(slots.fits,
-                       lambda: self.forward_tokens(z, self.slot_conditioning(slots, y)), dense)
+    return choose_path(
+        slots,
+        homogeneous=lambda: self.forward_tokens(
+            z, self.scalar_conditioning(slots.values[:, 0], y)),
+        sparse=lambda: self.forward_tokens(z, self.slot_conditioning(slots, y)),
+        dense=dense)

@@ -11,11 +11,15 @@ per distinct level ("slot"), and gather it back to the tokens. That is the *same
 
 `find_level_slots` is static-shaped (sort + cumsum + scatter; jit-, vmap- and sharding-friendly):
 it always returns K slots and reports how many distinct levels each example has, so a model can
-take the dense path (`lax.cond` on one scalar for the whole batch) when any example has more.
+take the dense path when any example has more (`choose_path`: one `lax.switch` on a scalar for
+the whole batch). When every example is homogeneous (uniform sampling, all of an FID run) the
+switch takes the scalar-level network itself: gathering per-token modulation is cheap in FLOPs
+but materialises `[B, N, 6d]` per block, which costs memory traffic that a broadcast doesn't.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -65,12 +69,22 @@ def find_level_slots(levels: Array, num_slots: int) -> LevelSlots:
   return LevelSlots(values, index, count)
 
 
-def choose_path(fits: Array, slot_path, dense_path):
-  """`lax.cond(fits, slot_path, dense_path)`; eagerly (concrete `fits`) just calls one of them,
-  so op-by-op use doesn't retrace and compile both branches on every call."""
-  if not isinstance(fits, jax.core.Tracer):
-    return slot_path() if bool(fits) else dense_path()
-  return jax.lax.cond(fits, slot_path, dense_path)
+def choose_path(slots: LevelSlots, homogeneous: Callable[[], Array],
+                sparse: Callable[[], Array], dense: Callable[[], Array]) -> Array:
+  """Runs one of three paths computing the same function, the cheapest that is exact:
+
+  `homogeneous` when every example has a single level (the scalar-level network: its
+  conditioning broadcasts and fuses, nothing per token is materialised), else `sparse` (the slot
+  path) when every example fits in K slots, else `dense`. Under `jit` this is one `lax.switch`
+  on a scalar for the whole batch; eagerly (concrete slots) it just calls the chosen path, so
+  op-by-op use doesn't retrace and compile every branch on each call.
+  """
+  single = jnp.all(slots.num_distinct == 1)
+  branch = jnp.where(single, 0, jnp.where(slots.fits, 1, 2))
+  paths = (homogeneous, sparse, dense)
+  if not isinstance(branch, jax.core.Tracer):
+    return paths[int(branch)]()
+  return jax.lax.switch(branch, paths)
 
 
 def gather_slots(rows: Array, index: Array) -> Array:

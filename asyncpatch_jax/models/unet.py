@@ -16,8 +16,8 @@ The same code runs 1-D (`[B, L, C]`) and 2-D (`[B, H, W, C]`) data.
 
 Like the DiT, at inference the FiLM parameters are computed once per distinct level (`slots.py`)
 and mixed by each position's pooled slot weights, which is the same function at a fraction of the
-dense cost; any example with more than `level_slots` distinct levels sends the batch down the
-dense path.
+dense cost; a batch of homogeneous maps runs the scalar-level network, and any example with more
+than `level_slots` distinct levels sends the batch down the dense path.
 """
 
 from __future__ import annotations
@@ -301,8 +301,10 @@ class UNet(nnx.Module):
                deterministic: bool = True) -> common.ModelOutput:
     """Predicts the output (and log-variance) for `z: [B, *spatial, C]` at levels `t`.
 
-    `deterministic=False` turns dropout on (training). With `deterministic=True` and a level
-    map, the slot path runs when every example has at most `level_slots` distinct levels.
+    `deterministic=False` turns dropout on (training, dense path). With `deterministic=True`
+    and a level map, the cheapest exact path runs (`slots.choose_path`): scalar-level FiLM if
+    every example is homogeneous, the slot path if each has at most `level_slots` levels, else
+    dense.
     """
     common.check_data(z, self.data_shape, "U-Net")
     batch = z.shape[0]
@@ -316,9 +318,11 @@ class UNet(nnx.Module):
     else:
       slots = find_level_slots(t.reshape(batch, -1), self.level_slots)
       out = choose_path(
-          slots.fits,
-          lambda: self.forward(z, self.slot_conditions(t, slots, y), deterministic),
-          lambda: self.forward(z, self.dense_conditions(t, y), deterministic))
+          slots,
+          homogeneous=lambda: self.forward(
+              z, self.scalar_conditions(slots.values[:, 0], y), deterministic),
+          sparse=lambda: self.forward(z, self.slot_conditions(t, slots, y), deterministic),
+          dense=lambda: self.forward(z, self.dense_conditions(t, y), deterministic))
     return common.split_head(out, t, channels=self.channels, uncertainty=self.uncertainty,
                              schedule=self.schedule, parametrization=self.parametrization,
                              data_shape=self.data_shape, level_patch=self.level_patch_size)

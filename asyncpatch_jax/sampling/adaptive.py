@@ -10,12 +10,16 @@ The loop stops as soon as every token is clean, so `info['nfe']` counts the step
 
 - `StepSizePlan` ('step_size', per-token adaptive step size): token i moves
   Δt_i = min(max(r_i, 1)^γ, max_speedup) / M per step (M = `num_steps`). At most M steps;
-  fewer when context makes tokens certain. With the exact Gaussian denoiser and every other
-  element known, γ = 0.5 reaches the KL of a 100-step uniform plan in 68 steps.
+  fewer when context makes tokens certain. Measured with the exact Gaussian denoiser (8
+  correlated elements, every other one known, 4000 samples): M = 100 takes 60 calls for a KL
+  of 0.015 to the exact conditional, where a uniform plan with 60 steps gives 0.022 (M = 50: 30
+  calls, 0.043 against 0.056).
 - `QuantilePlan` ('quantile', dual-speed): per example, the ⌈q·n⌉ most certain (largest r) of
   the n noisy tokens move `speedup` ticks of 1/M, the rest one tick: a fixed reallocation
   where easy regions run ahead and become context for hard ones (Patch Forcing's "fast and
-  slow"). Between ⌈M/speedup⌉ and M steps, about M / (1 + q·(speedup − 1)).
+  slow"). Between ⌈M/speedup⌉ and M steps, about M / (1 + q·(speedup − 1)). On the Gaussian
+  above (whose tokens are alike) it is no better than a uniform plan of the same length (72
+  calls: KL 0.018 against 0.015); it is meant for images, whose regions differ in difficulty.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class StepSizePlan(Plan):
 
   num_steps: int
   schedule: Schedule
-  exponent: float = 0.5
+  exponent: float = 1.0
   max_speedup: float = 8.0
   data_variance: float = 1.0
   needs_variance = True

@@ -179,11 +179,15 @@ def spiral_rank(group_grid: Sequence[int]) -> np.ndarray:
   return rank
 
 
-def _segment_mean(values: Array, weights: Array, ids: np.ndarray, num_groups: int) -> Array:
-  """Per-example weighted mean of token values `[B, N]` over groups → `[B, K]` (inf if empty)."""
-  seg = jax.vmap(lambda v: jax.ops.segment_sum(v, jnp.asarray(ids), num_groups))
-  total, count = seg(values * weights), seg(weights)
-  return jnp.where(count > 0, total / jnp.maximum(count, 1e-30), jnp.inf)
+def _group_sum(values: Array, membership: np.ndarray) -> Array:
+  """Per-example sums of token values `[B, N]` over groups → `[B, K]`.
+
+  A product with the static one-hot membership `[N, K]` rather than a scatter
+  (`segment_sum`), so a batch sharded over a mesh (also with explicit axis types) stays
+  sharded without collectives; HIGHEST precision keeps integer offsets exact on TPU.
+  """
+  return jnp.dot(values, jnp.asarray(membership, values.dtype),
+                 precision=jax.lax.Precision.HIGHEST)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,22 +246,27 @@ class AutoregressivePlan(Plan):
       return spiral_rank(group_grid)
     return np.arange(math.prod(group_grid))
 
+  def membership(self) -> np.ndarray:
+    """The one-hot token → group matrix `[N, K]` (float32)."""
+    ids = group_ids(self.grid, self.group_shape)[0].reshape(-1)
+    return (ids[:, None] == np.arange(self.num_groups)[None, :]).astype(np.float32)
+
   def init(self, known_mask):
-    ids, _ = group_ids(self.grid, self.group_shape)
     batch = known_mask.shape[0]
     unknown = (~known_mask).reshape(batch, -1).astype(jnp.float32)
-    has_unknown = jax.vmap(lambda v: jax.ops.segment_max(v, jnp.asarray(ids.reshape(-1)),
-                                                         self.num_groups))(unknown) > 0
     return {"offset": jnp.full((batch, self.num_groups), jnp.inf, jnp.float32),
             "num_started": jnp.zeros((batch,), jnp.int32),
-            "has_unknown": has_unknown}
+            "has_unknown": _group_sum(unknown, self.membership()) > 0}
 
   def next_levels(self, step, levels, token_variance, known_mask, state):
-    ids = group_ids(self.grid, self.group_shape)[0].reshape(-1)
+    membership = self.membership()
     batch, k = levels.shape[0], self.num_groups
     if self.order == "certainty":
+      # The mean predicted variance of each group's unknown tokens.
       unknown = (~known_mask).reshape(batch, -1).astype(jnp.float32)
-      score = _segment_mean(token_variance.reshape(batch, -1), unknown, ids, k)
+      total = _group_sum(token_variance.reshape(batch, -1) * unknown, membership)
+      count = _group_sum(unknown, membership)
+      score = jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.inf)
     else:
       score = jnp.broadcast_to(jnp.asarray(self.static_rank(), jnp.float32), (batch, k))
     # Start the groups whose slots open at this step: slots j with o_j <= step.
@@ -268,13 +277,14 @@ class AutoregressivePlan(Plan):
     rank = jnp.argsort(jnp.argsort(masked, axis=1, stable=True), axis=1, stable=True)
     rank = rank.astype(jnp.int32)
     start = available & (rank < (num_open - state["num_started"])[:, None])
-    slot = jnp.clip(state["num_started"][:, None] + rank, 0, k - 1)
-    offset = jnp.where(start, offsets[slot], state["offset"])
+    # Slots fill as they open (while groups remain), so every slot opening now has o_j = step.
+    offset = jnp.where(start, step.astype(jnp.float32), state["offset"])
     state = {**state, "offset": offset,
              "num_started": state["num_started"] + start.sum(axis=1).astype(jnp.int32)}
-    token_offset = jnp.take_along_axis(offset, jnp.broadcast_to(jnp.asarray(ids), (batch,
-                                                                                     ids.size)),
-                                       axis=1).reshape(levels.shape)
+    # Each token's group offset (unstarted: a sentinel far beyond any step, as inf · 0 = nan).
+    started = jnp.isfinite(offset)
+    token_offset = _group_sum(jnp.where(started, offset, 1e9), membership.T).reshape(levels.shape)
+    token_offset = jnp.where(token_offset >= 1e9, jnp.inf, token_offset)
     # Steps left, S − (m − o), is integer-valued: 0 and S give exactly 0 and 1 (no round-off
     # from XLA's x/S → x·(1/S)).
     remaining = jnp.clip(self.steps_per_group - ((step + 1).astype(jnp.float32) - token_offset),

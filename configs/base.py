@@ -121,6 +121,7 @@ def defaults() -> ml_collections.ConfigDict:
       "num_steps": 250,
       "strategy": "uniform",
       "stochastic": True,             # ancestral updates (False: DDIM / probability flow)
+      "clip_x0": True,                # clip the denoiser's x̂0 to the data range [-1, 1]
       "cfg_scale": 0.0,
       "input_guidance": 0.0,
       "inpaint_mask": "half",         # the known region of the inpainting grid

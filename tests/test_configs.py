@@ -136,6 +136,7 @@ def test_unknown_level_sampler_field_is_an_error():
 
 def test_cfg_needs_a_conditional_model():
   config = mnist.get_config("debug")
+  config.model.num_classes = 0
   config.sampling.cfg_scale = 2.0
   with pytest.raises(validation.ConfigError, match="cfg_scale"):
     validation.validate_config(config)

@@ -313,6 +313,19 @@ def test_sample_and_eval_modes_read_the_checkpoint(uninterrupted):
   assert (workdir / "eval_step_4.json").exists()
 
 
+def test_clip_x0_wraps_any_denoiser():
+  from asyncpatch_jax.train import samples
+
+  def denoiser(z, t):
+    return diffusion.Prediction(x0=z * 10.0, variance=jnp.ones_like(z))
+
+  pred = samples.clip_x0(denoiser)(jnp.array([[-1.0, 0.05, 3.0]]), None)
+  np.testing.assert_array_equal(pred.x0, [[-1.0, 0.5, 1.0]])
+  np.testing.assert_array_equal(pred.variance, 1.0)
+  plain = samples.clip_x0(lambda z, t: z)(jnp.array([2.0]), None)
+  np.testing.assert_array_equal(plain.x0, [1.0])
+
+
 def test_bad_input_fails_before_compiling(tmp_path, monkeypatch):
   def no_compiling(*args, **kwargs):
     raise AssertionError("compiled before the input was checked")

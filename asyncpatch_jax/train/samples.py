@@ -22,6 +22,18 @@ from asyncpatch_jax import diffusion, models, sampling, visualize
 from asyncpatch_jax.train import state as state_lib
 
 
+def clip_x0(denoiser: Any) -> Any:
+  """Clips x̂0 to the data range [-1, 1] (DDPM's `clip_denoised`).
+
+  At the first steps from the bounded schedule's λ_min (α ≈ 5e-4 at λ = −15) an ε- or
+  v-network's x̂0 = (z − σ ε̂)/α amplifies small errors a thousandfold; images live in [-1, 1].
+  """
+  def clipped(z, t):
+    pred = diffusion.as_prediction(denoiser(z, t))
+    return pred._replace(x0=jnp.clip(pred.x0, -1.0, 1.0))
+  return clipped
+
+
 def _class_labels(n: int, num_classes: int) -> jax.Array | None:
   return jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
 
@@ -46,6 +58,8 @@ def make_sample_fn(config: Any, setup: state_lib.StateSetup, num: int, *, inpain
         model, schedule=schedule, parametrization=config.model.parametrization,
         patch_size=patch, labels=labels if num_classes else None,
         cfg_scale=float(scfg.cfg_scale), num_classes=num_classes)
+    if scfg.clip_x0:
+      denoiser = clip_x0(denoiser)
     kwargs = {}
     if inpaint:
       kwargs = dict(known=known, known_mask=mask, input_guidance=float(scfg.input_guidance))

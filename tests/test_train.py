@@ -339,7 +339,12 @@ def test_bad_input_fails_before_compiling(tmp_path, monkeypatch):
   config.data.tfds_data_dir = str(tmp_path / "no_data")
   with pytest.raises(data_lib.DatasetNotFoundError, match="tfds build cifar10"):
     trainer.train_and_evaluate(config, tmp_path / "b")
-  assert not (tmp_path / "b" / "checkpoints").exists()
+  assert not list((tmp_path / "b").iterdir())  # nothing written
+  config = _digits()
+  config.eval.every_steps = 1
+  config.data.eval_split = "nonexistent"
+  with pytest.raises(ValueError, match="nonexistent"):
+    trainer.train_and_evaluate(config, tmp_path / "c")
   blocker = tmp_path / "file"
   blocker.write_text("x")
   with pytest.raises(validation.ConfigError, match="not writable"):

@@ -40,6 +40,11 @@ class Evaluator:
                num_batches: int | None = None):
     self.config, self.setup, self.batch_sharding = config, setup, batch_sharding
     self.num_batches = int(config.eval.num_batches) if num_batches is None else num_batches
+    # Open the split now, so a missing or too small eval split fails before any compilation.
+    self._source = data_lib.get_source(config.data, config.data.eval_split)
+    if len(self._source) < int(config.data.batch_size):
+      raise ValueError(f"the eval split {config.data.eval_split!r} has {len(self._source)} "
+                       f"records, fewer than one global batch ({config.data.batch_size})")
     loss_fn = step_lib.make_loss_fn(config, setup.model_def, train=False)
     schedule = state_lib.make_schedule(config.diffusion)
     patch = int(config.diffusion.patch_size)
@@ -73,7 +78,8 @@ class Evaluator:
   def __call__(self, state: state_lib.TrainState) -> dict[str, float]:
     params = state.ema[ema_params_name(self.config)]
     pipeline = data_lib.create_eval_pipeline(self.config.data, self.batch_sharding,
-                                             max_batches=self.num_batches or None)
+                                             max_batches=self.num_batches or None,
+                                             source=self._source)
     totals: dict[str, float] = {}
     count = 0
     for index, batch in enumerate(pipeline):

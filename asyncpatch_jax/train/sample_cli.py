@@ -39,8 +39,8 @@ def sample_from_checkpoint(config: Any, workdir: str | epath.Path) -> dict[str, 
   out_dir = workdir / "samples"
   if jax.process_index() == 0:
     out_dir.mkdir(parents=True, exist_ok=True)
-  writer = metric_writers.LoggingWriter()
-  arrays = samples_lib.SampleWriter(config, setup, out_dir, writer)(state, step)
+  arrays = samples_lib.SampleWriter(config, setup, out_dir, metric_writers.LoggingWriter())(
+      state, step)
   if jax.process_index() == 0:
     with (out_dir / f"arrays_{step:08d}.npz").open("wb") as f:
       np.savez(f, **arrays)

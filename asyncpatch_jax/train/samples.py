@@ -76,24 +76,24 @@ class SampleWriter:
   """Writes `samples_<step>.png` and `inpaint_<step>.png` (and the `_latest` copies)."""
 
   def __init__(self, config: Any, setup: state_lib.StateSetup, workdir: epath.Path,
-               writer: Any):
+               writer: Any | None = None):
     from asyncpatch_jax.train.evaluate import ema_params_name
 
     self.config, self.workdir, self.writer = config, epath.Path(workdir), writer
     self.ema = ema_params_name(config)
     n = int(config.sampling.num_samples)
     self.num_inpaint = int(config.sampling.num_inpaint)
-    self._sample = make_sample_fn(config, setup, n, inpaint=False)
-    self._inpaint = (make_sample_fn(config, setup, self.num_inpaint, inpaint=True)
-                     if self.num_inpaint > 0 else None)
     self._known = None
-    if self._inpaint is not None:
+    if self.num_inpaint > 0:  # host-side set-up first: a bad split fails before any jit
       grid = diffusion.token_grid((1, *state_lib.data_shape(config)),
                                   int(config.diffusion.patch_size))[1:]
       self._mask = sampling.masks.make_mask(config.sampling.inpaint_mask, self.num_inpaint,
                                             grid, seed=int(config.seed))
       images, self._labels = data_lib.reference_images(config.data, self.num_inpaint)
-      self._known = np.asarray(data_lib.to_model_range(images))
+      self._known = images.astype(np.float32) * (2.0 / 255.0) - 1.0
+    self._sample = make_sample_fn(config, setup, n, inpaint=False)
+    self._inpaint = (make_sample_fn(config, setup, self.num_inpaint, inpaint=True)
+                     if self.num_inpaint > 0 else None)
     self._root = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5A31E)
 
   def __call__(self, state: state_lib.TrainState, step: int) -> dict[str, np.ndarray]:
@@ -115,7 +115,8 @@ class SampleWriter:
       for name, images in out.items():
         for suffix in (f"{step:08d}", "latest"):
           visualize.save_image_grid(images, self.workdir / f"{name}_{suffix}.png", nrow[name])
-        grid = visualize.make_grid(visualize.to_uint8(images), nrow[name])
-        self.writer.write_images(step, {name: grid[None]})
+        if self.writer is not None:
+          grid = visualize.make_grid(visualize.to_uint8(images), nrow[name])
+          self.writer.write_images(step, {name: grid[None]})
       logging.info("Wrote sample grids for step %d to %s", step, self.workdir)
     return out

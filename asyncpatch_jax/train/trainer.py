@@ -109,11 +109,21 @@ def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
   `writer` replaces the default CLU writer (TensorBoard + log on process 0), e.g. in notebooks.
   """
   workdir, mesh, batch_sharding = prepare(config, workdir)
-  write_config(config, workdir)
   train_data = data_lib.create_train_pipeline(config.data, batch_sharding)
   num_steps = int(config.num_steps)
   tx = opt_lib.make_optimizer(config.optimizer, num_steps)
   setup = state_lib.setup_state(config, mesh, tx)
+  # These open the eval split and the inpainting references: errors before any compilation.
+  samples = samples_lib.SampleWriter(config, setup, workdir)
+  evaluator = (eval_lib.Evaluator(config, setup, batch_sharding)
+               if config.eval.every_steps > 0 else None)
+
+  # Every check passed: from here on the workdir gets written.
+  write_config(config, workdir)
+  if writer is None:
+    writer = metric_writers.create_default_writer(workdir,
+                                                  just_logging=jax.process_index() > 0)
+  samples.writer = writer
 
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
   latest = checkpointer.latest_step()
@@ -125,9 +135,6 @@ def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
   logging.info("Starting at step %d of %d (%s)", initial_step, num_steps,
                "resumed" if latest is not None else "fresh")
 
-  if writer is None:
-    writer = metric_writers.create_default_writer(workdir,
-                                                  just_logging=jax.process_index() > 0)
   if initial_step == 0:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
                           if isinstance(v, int | float | str | bool)})
@@ -142,9 +149,6 @@ def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
 
   train_step = step_lib.jit_train_step(step_lib.make_train_step(config, setup), setup,
                                        batch_sharding)
-  samples = samples_lib.SampleWriter(config, setup, workdir, writer)
-  evaluator = (eval_lib.Evaluator(config, setup, batch_sharding)
-               if config.eval.every_steps > 0 else None)
 
   hooks = []
   report = periodic_actions.ReportProgress(

@@ -138,7 +138,6 @@ def validate_topology(config: Any, devices: list[jax.Device] | None = None) -> t
   procs = jax.process_count()
   _require(batch % procs == 0,
            f"data.batch_size={batch} is not divisible by the {procs} processes")
-  _require(int(config.sampling.num_samples) > 0, "sampling.num_samples must be positive")
   return data, fsdp
 
 

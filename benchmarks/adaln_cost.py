@@ -8,9 +8,10 @@ of each example and gathers it back: the same function. This script measures, fo
   - FLOPs from XLA's cost analysis of each compiled forward pass: the scalar-level DiT (t: [B]),
     the dense per-token path, and the slot path on its own (the branch the model runs when every
     example fits in K slots);
-  - wall time of the model as used (`deterministic=True`: slot path with dense fallback) on level
-    maps with 1 (homogeneous), 2 (inpainting: known tokens at 0), 4 and 8 distinct levels, and on
-    i.i.d. random levels (fallback), against the scalar-level DiT and the naive dense path.
+  - wall time of the model as used (`deterministic=True`, which picks the cheapest exact path: the
+    scalar-level network for homogeneous maps, slots for at most K levels per example, else
+    dense) on maps with 1 (homogeneous), 2 (inpainting: known tokens at 0), 4 and 8 distinct
+    levels and on i.i.d. random levels, against the scalar-level DiT and the naive dense path.
 
     python benchmarks/adaln_cost.py                       # writes results/adaln_cost.json
     python benchmarks/adaln_cost.py --size B --batch 8 --reps 5
@@ -46,6 +47,8 @@ def parse_args(argv):
   parser.add_argument("--slots", type=int, default=8, help="K, the model's level_slots")
   parser.add_argument("--reps", type=int, default=3, help="timed calls per case (after warm-up)")
   parser.add_argument("--out", default="results/adaln_cost.json")
+  parser.add_argument("--unet_flops", action="store_true",
+                      help="also count the FLOPs of the paper's U-Net's spatial FiLM paths")
   return parser.parse_args(argv)
 
 
@@ -71,12 +74,12 @@ def level_maps(batch: int, grid: int, seed: int = 0) -> dict[str, jax.Array]:
     choice = np.stack([rng.permutation(choice) for _ in range(batch)])
     return np.take_along_axis(levels, choice, axis=1).reshape(batch, grid, grid)
 
-  return {
-      "homogeneous (1 level)": np.broadcast_to(t_bar, (batch, grid, grid)),
-      "inpainting (2 levels)": with_levels(2),
-      "staircase (4 levels)": with_levels(4),
-      "8 levels": with_levels(8),
-      "iid random (fallback)": rng.uniform(0.0, 1.0, (batch, grid, grid)),
+  return {  # name: the path the model takes with K = 8
+      "homogeneous -> scalar path": np.broadcast_to(t_bar, (batch, grid, grid)),
+      "2 levels (inpainting) -> slots": with_levels(2),
+      "4 levels -> slots": with_levels(4),
+      "8 levels -> slots": with_levels(8),
+      "iid random -> dense": rng.uniform(0.0, 1.0, (batch, grid, grid)),
   }
 
 
@@ -89,17 +92,61 @@ def flops(fn, *args) -> float:
 
 def wall_times(cases: dict[str, tuple], reps: int) -> dict[str, dict[str, float]]:
   """Times `fn(*args)` for every case, round-robin (so drifting load on a shared machine hits
-  every case alike); min and median over `reps` rounds, after one warm-up call each."""
+  every case alike), after one warm-up call each. Wall time (min and median over `reps`) and the
+  process's CPU time (all threads; median), which is less sensitive to other jobs' load."""
   for fn, args in cases.values():
     jax.block_until_ready(fn(*args))
-  times = {name: [] for name in cases}
+  wall = {name: [] for name in cases}
+  cpu = {name: [] for name in cases}
   for _ in range(reps):
     for name, (fn, args) in cases.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - start)
-  return {name: {"median_s": statistics.median(ts), "min_s": min(ts)}
-          for name, ts in times.items()}
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - start_cpu)
+  return {name: {"median_s": statistics.median(wall[name]), "min_s": min(wall[name]),
+                 "cpu_median_s": statistics.median(cpu[name])} for name in cases}
+
+
+def unet_flops(image_size: int = 32, channels: int = 3) -> dict[str, float]:
+  """FLOPs per example of a CIFAR-size U-Net (ADM: 128 channels, ×(1, 2, 2, 2), 2 blocks,
+  attention at 16): scalar levels vs per-token FiLM (dense, slots) at level patches 1 and 4.
+
+  Counted on the abstract model (`nnx.eval_shape`), so nothing is initialised.
+  """
+  config = models.default_config()
+  config.update(name="unet", channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                attention_resolutions=(16,), level_slots=8)
+  z = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
+  counted = {}
+  for p in (1, 4):
+    model = nnx.eval_shape(lambda p=p: models.get_model(
+        config, data_shape=(image_size, image_size, channels), level_patch_size=p,
+        schedule=get_schedule("cosine"), rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    t = jax.ShapeDtypeStruct((1, image_size // p, image_size // p), jnp.float32)
+
+    def path(kind, state, z, t, graphdef=graphdef):
+      m = nnx.merge(graphdef, state)
+      if kind == "scalar":
+        conds = m.scalar_conditions(t[:, 0, 0], None)
+      elif kind == "dense":
+        conds = m.dense_conditions(t, None)
+      else:
+        conds = m.slot_conditions(t, models.find_level_slots(t.reshape(1, -1), 8), None)
+      return m.forward(z, conds, True)
+
+    if p == 1:
+      counted["U-Net, scalar levels"] = flops(lambda *a: path("scalar", *a), state, z, t)
+    counted[f"U-Net, per-token FiLM, p={p}, dense"] = flops(lambda *a: path("dense", *a),
+                                                            state, z, t)
+    counted[f"U-Net, per-token FiLM, p={p}, slots (K=8)"] = flops(lambda *a: path("slots", *a),
+                                                                  state, z, t)
+  base = counted["U-Net, scalar levels"]
+  print(f"\n{'U-Net FLOPs per example (XLA cost analysis)':50s} {'GFLOP':>9s} {'vs scalar':>10s}")
+  for name, value in counted.items():
+    print(f"{name:50s} {value / 1e9:9.2f} {value / base:9.3f}x")
+  return counted
 
 
 def main(argv=None) -> dict:
@@ -118,7 +165,8 @@ def main(argv=None) -> dict:
   z = jax.random.normal(key, (args.batch, args.image_size, args.image_size, args.channels))
   labels = jax.random.randint(key, (args.batch,), 0, args.num_classes)
   maps = {k: jnp.asarray(v, jnp.float32) for k, v in level_maps(args.batch, grid).items()}
-  t_scalar = maps["homogeneous (1 level)"][:, 0, 0]
+  hom = maps["homogeneous -> scalar path"]
+  t_scalar = hom[:, 0, 0]
 
   def run(graphdef):
     def forward(state, z, t, labels):
@@ -132,7 +180,6 @@ def main(argv=None) -> dict:
     return model.forward_tokens(z, model.slot_conditioning(slots, y))
 
   forward_fast, forward_dense = jax.jit(run(graph_fast)), jax.jit(run(graph_dense))
-  hom = maps["homogeneous (1 level)"]
   print(f"DiT-{args.size}/{args.patch}, {args.image_size}x{args.image_size}x{args.channels}, "
         f"batch {args.batch}, K = {args.slots}, {jax.devices()[0].platform} "
         f"({os.cpu_count()} host CPUs)", flush=True)
@@ -142,21 +189,26 @@ def main(argv=None) -> dict:
       f"per-token, slot path (K={args.slots})": flops(slot_branch, state_fast, z, hom, labels),
   }
   base = counted["scalar-level DiT (t: [B])"]
-  print(f"\n{'FLOPs per forward (XLA cost analysis)':44s} {'GFLOP':>9s} {'vs scalar':>10s}")
+  print(f"\n{'FLOPs per forward (XLA cost analysis)':50s} {'GFLOP':>9s} {'vs scalar':>10s}")
   for name, value in counted.items():
-    print(f"{name:44s} {value / 1e9:9.2f} {value / base:9.3f}x")
+    print(f"{name:50s} {value / 1e9:9.2f} {value / base:9.3f}x")
 
-  print(f"\n{'wall time (s)':44s} {'median':>9s} {'min':>9s} {'vs scalar':>10s}")
+  print(f"\n{'time per forward (s)':50s} {'wall med':>9s} {'wall min':>9s} {'CPU med':>9s} "
+        f"{'wall min':>9s} {'CPU':>7s}")
+  print(f"{'':50s} {'':9s} {'':9s} {'':9s} {'vs scalar':>9s} {'vs sc.':>7s}")
   cases = {
       "scalar-level DiT (t: [B])": (forward_dense, (state_dense, z, t_scalar, labels)),
       "per-token, naive dense: homogeneous": (forward_dense, (state_dense, z, hom, labels)),
   }
   for name, t in maps.items():
-    cases[f"per-token, slots: {name}"] = (forward_fast, (state_fast, z, t, labels))
+    cases[f"per-token model: {name}"] = (forward_fast, (state_fast, z, t, labels))
   timed = wall_times(cases, args.reps)
-  base_t = timed["scalar-level DiT (t: [B])"]["min_s"]
+  base_t = timed["scalar-level DiT (t: [B])"]
   for name, r in timed.items():
-    print(f"{name:44s} {r['median_s']:9.3f} {r['min_s']:9.3f} {r['min_s'] / base_t:9.3f}x")
+    wall_ratio = r["min_s"] / base_t["min_s"]
+    cpu_ratio = r["cpu_median_s"] / base_t["cpu_median_s"]
+    print(f"{name:50s} {r['median_s']:9.3f} {r['min_s']:9.3f} {r['cpu_median_s']:9.3f} "
+          f"{wall_ratio:8.3f}x {cpu_ratio:6.3f}x")
 
   # Sanity: the slot path computes the same function as the dense path.
   max_err = max(float(jnp.abs(forward_fast(state_fast, z, t, labels)
@@ -171,10 +223,17 @@ def main(argv=None) -> dict:
       "host": platform.processor() or platform.machine(), "host_cpus": os.cpu_count(),
       "jax": jax.__version__, "flops": counted, "flops_vs_scalar":
           {k: v / base for k, v in counted.items()},
-      "wall_time": timed, "wall_time_vs_scalar": {k: v["min_s"] / base_t
-                                                  for k, v in timed.items()},
+      "time": timed,
+      "wall_min_vs_scalar": {k: v["min_s"] / base_t["min_s"] for k, v in timed.items()},
+      "cpu_median_vs_scalar": {k: v["cpu_median_s"] / base_t["cpu_median_s"]
+                               for k, v in timed.items()},
       "max_abs_diff_slots_vs_dense": max_err,
   }
+  if args.unet_flops:
+    counted_unet = unet_flops()
+    result["unet_flops"] = counted_unet
+    result["unet_flops_vs_scalar"] = {k: v / counted_unet["U-Net, scalar levels"]
+                                      for k, v in counted_unet.items()}
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -170,7 +170,7 @@ class DiT(nnx.Module):
       (each level then covers `(p_l/p)^n` DiT tokens): a DiT token reads one level.
     patch_size: the DiT patch `p`.
     level_slots: K, the distinct levels per example handled by the slot path at inference
-      (`deterministic=True`); 0 always takes the dense per-token path.
+      (`deterministic=True`, see `__call__`); 0 always takes the dense per-token path.
   """
 
   def __init__(self, *, data_shape: Sequence[int], level_patch_size: int, patch_size: int = 2,
@@ -276,13 +276,14 @@ class DiT(nnx.Module):
   def _per_token(self, z: Array, t_tokens: Array, y: Array | None,
                  deterministic: bool) -> Array:
     dense = lambda: self.forward_tokens(z, self.dense_conditioning(t_tokens, y))
-    # Training maps are almost never few-valued, so training skips the cond (and its compile).
-    if not deterministic or not 0 < self.level_slots < self.num_tokens:
+    # Training maps are almost never few-valued: training skips the switch (and its compile).
+    if not deterministic or self.level_slots == 0:
       return dense()
-    slots = find_level_slots(t_tokens, self.level_slots)
+    slots = find_level_slots(t_tokens, min(self.level_slots, self.num_tokens))
+    sparse = lambda: self.forward_tokens(z, self.slot_conditioning(slots, y))
     return choose_path(
         slots,
         homogeneous=lambda: self.forward_tokens(
             z, self.scalar_conditioning(slots.values[:, 0], y)),
-        sparse=lambda: self.forward_tokens(z, self.slot_conditioning(slots, y)),
+        sparse=sparse if self.level_slots < self.num_tokens else None,  # else no cheaper
         dense=dense)

@@ -70,18 +70,20 @@ def find_level_slots(levels: Array, num_slots: int) -> LevelSlots:
 
 
 def choose_path(slots: LevelSlots, homogeneous: Callable[[], Array],
-                sparse: Callable[[], Array], dense: Callable[[], Array]) -> Array:
+                sparse: Callable[[], Array] | None, dense: Callable[[], Array]) -> Array:
   """Runs one of three paths computing the same function, the cheapest that is exact:
 
   `homogeneous` when every example has a single level (the scalar-level network: its
   conditioning broadcasts and fuses, nothing per token is materialised), else `sparse` (the slot
-  path) when every example fits in K slots, else `dense`. Under `jit` this is one `lax.switch`
-  on a scalar for the whole batch; eagerly (concrete slots) it just calls the chosen path, so
-  op-by-op use doesn't retrace and compile every branch on each call.
+  path; None to skip it) when every example fits in K slots, else `dense`. Under `jit` this is
+  one `lax.switch` on a scalar for the whole batch; eagerly (concrete slots) it just calls the
+  chosen path, so op-by-op use doesn't retrace and compile every branch on each call.
   """
   single = jnp.all(slots.num_distinct == 1)
-  branch = jnp.where(single, 0, jnp.where(slots.fits, 1, 2))
-  paths = (homogeneous, sparse, dense)
+  if sparse is None:
+    branch, paths = jnp.where(single, 0, 1), (homogeneous, dense)
+  else:
+    branch, paths = jnp.where(single, 0, jnp.where(slots.fits, 1, 2)), (homogeneous, sparse, dense)
   if not isinstance(branch, jax.core.Tracer):
     return paths[int(branch)]()
   return jax.lax.switch(branch, paths)

@@ -206,6 +206,7 @@ class UNet(nnx.Module):
     self.schedule = schedule
     self.level_slots = int(level_slots)
     self.num_tokens = math.prod(self.level_grid)
+    self.num_slots = max(1, min(self.level_slots, self.num_tokens))
     emb_dim = 4 * channels
     attention_resolutions = {int(r) for r in attention_resolutions}
     kw = dict(dtype=dtype, rngs=rngs)
@@ -273,8 +274,9 @@ class UNet(nnx.Module):
                       ) -> list[SpatialCondition]:
     e = self.level_embed(slots.values)
     s = nnx.silu(e if y is None else e + y[:, None])
-    one_hot = jax.nn.one_hot(slots.index, self.level_slots, dtype=jnp.float32)
-    one_hot = one_hot.reshape(*t.shape, self.level_slots)
+    num_slots = slots.values.shape[-1]
+    one_hot = jax.nn.one_hot(slots.index, num_slots, dtype=jnp.float32)
+    one_hot = one_hot.reshape(*t.shape, num_slots)
     conds = []
     for level in range(self.num_levels):
       weights, repeat = _pool_to(one_hot, self.level_patch_size, 2**level, self.num_spatial)
@@ -313,15 +315,16 @@ class UNet(nnx.Module):
     y = None if self.class_embed is None else self.class_embed(labels)
     if t.ndim == 1:
       out = self.forward(z, self.scalar_conditions(t, y), deterministic)
-    elif not deterministic or not 0 < self.level_slots < self.num_tokens:
+    elif not deterministic or self.level_slots == 0:
       out = self.forward(z, self.dense_conditions(t, y), deterministic)
     else:
-      slots = find_level_slots(t.reshape(batch, -1), self.level_slots)
+      slots = find_level_slots(t.reshape(batch, -1), self.num_slots)
+      sparse = lambda: self.forward(z, self.slot_conditions(t, slots, y), deterministic)
       out = choose_path(
           slots,
           homogeneous=lambda: self.forward(
               z, self.scalar_conditions(slots.values[:, 0], y), deterministic),
-          sparse=lambda: self.forward(z, self.slot_conditions(t, slots, y), deterministic),
+          sparse=sparse if self.level_slots < self.num_tokens else None,  # else no cheaper
           dense=lambda: self.forward(z, self.dense_conditions(t, y), deterministic))
     return common.split_head(out, t, channels=self.channels, uncertainty=self.uncertainty,
                              schedule=self.schedule, parametrization=self.parametrization,

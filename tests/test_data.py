@@ -22,6 +22,15 @@ from asyncpatch_jax.train import mesh as mesh_lib  # noqa: E402
 from configs import celeba_hq, cifar10, digits, imagenet, lsun, mnist, textures  # noqa: E402
 
 
+@pytest.fixture
+def tfds_tmp(tmp_path, monkeypatch):
+  """TFDS's DatasetInfo leaves a temporary directory per builder: keep them in tmp_path."""
+  import tempfile
+
+  (tmp_path / "tfds_tmp").mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tfds_tmp"))
+
+
 def _data_config(**overrides):
   config = digits.get_config("debug").data
   with config.unlocked():
@@ -193,7 +202,7 @@ def test_reference_images_span_the_split():
 
 @pytest.mark.parametrize("config_module", [cifar10, imagenet, lsun, celeba_hq],
                          ids=["cifar10", "imagenet2012", "lsun", "celeba_hq"])
-def test_tfds_pipelines_on_mock_data(config_module):
+def test_tfds_pipelines_on_mock_data(config_module, tfds_tmp):
   config = config_module.get_config("debug")
   with tfds.testing.mock_data(num_examples=24):
     pipe = data_lib.create_train_pipeline(config.data, _one_device_sharding())
@@ -204,7 +213,7 @@ def test_tfds_pipelines_on_mock_data(config_module):
     assert int(np.asarray(batch["label"]).max()) < config.data.num_classes
 
 
-def test_missing_tfds_dataset_says_how_to_prepare_it(tmp_path):
+def test_missing_tfds_dataset_says_how_to_prepare_it(tmp_path, tfds_tmp):
   config = cifar10.get_config("debug").data
   with config.unlocked():
     config.tfds_data_dir = str(tmp_path)

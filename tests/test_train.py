@@ -46,6 +46,15 @@ def compilation_cache(tmp_path_factory):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", old[2])
 
 
+@pytest.fixture
+def tfds_tmp(tmp_path, monkeypatch):
+  """TFDS's DatasetInfo leaves a temporary directory per builder: keep them in tmp_path."""
+  import tempfile
+
+  (tmp_path / "tfds_tmp").mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tfds_tmp"))
+
+
 def _digits(devices="all"):
   """digits:debug as every test here uses it, so equal programs are compiled once (cache)."""
   config = digits.get_config("debug")
@@ -76,7 +85,7 @@ def _leaves_equal(a, b):
 
 @pytest.mark.parametrize("config_module", [cifar10, imagenet, lsun, celeba_hq],
                          ids=["cifar10", "imagenet2012", "lsun", "celeba_hq"])
-def test_tfds_debug_config_takes_a_real_step(config_module):
+def test_tfds_debug_config_takes_a_real_step(config_module, tfds_tmp):
   config = config_module.get_config("debug")
   config.optimizer.warmup_steps = 0
   config.mesh.data, config.mesh.fsdp = 1, 1
@@ -326,7 +335,7 @@ def test_clip_x0_wraps_any_denoiser():
   np.testing.assert_array_equal(plain.x0, [1.0])
 
 
-def test_bad_input_fails_before_compiling(tmp_path, monkeypatch):
+def test_bad_input_fails_before_compiling(tmp_path, monkeypatch, tfds_tmp):
   def no_compiling(*args, **kwargs):
     raise AssertionError("compiled before the input was checked")
 

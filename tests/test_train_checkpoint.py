@@ -85,9 +85,10 @@ def test_unfinished_saves_are_never_restored(tmp_path):
   (partial / "state").mkdir(parents=True)
   (partial / "state" / "garbage").write_text("half written")
   reopened = ckpt_lib.Checkpointer(tmp_path, _options())
-  assert reopened.latest_step() == 2
+  assert reopened.latest_step() == 2 and reopened.all_steps() == [2]
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state(0))
+  np.testing.assert_array_equal(reopened.restore(None, abstract)["w"], _state(2)["w"])
   reopened.close()
-  assert not partial.exists()  # cleaned up when a writer opens the directory
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -31,6 +31,11 @@ COND_MEAN, COND_COV = analytic.gaussian_conditional(MEAN, COV, KNOWN_MASK, KNOWN
 KL_MAX = {False: 0.02, True: 0.01}  # unconditional, conditional
 
 
+def sample_jit(denoiser, rng, x_shape, **kwargs):
+  """`sample` compiled as one program (run eagerly, its loop pieces dispatch one by one)."""
+  return jax.jit(functools.partial(sample, denoiser, x_shape=x_shape, **kwargs))(rng)
+
+
 def _known_kwargs():
   return {"known": jnp.asarray(KNOWN_VALUES, jnp.float32).reshape(1, D, 1),
           "known_mask": KNOWN_MASK[None]}
@@ -235,8 +240,8 @@ def test_everything_known_returns_known_with_no_calls(config):
 
 def test_nothing_known_is_plain_generation():
   config = dict(schedule=SCHEDULE, num_steps=10)
-  x0, info0 = sample(DENOISER, jax.random.key(3), (4, D, 1), **config)
-  x1, info1 = sample(DENOISER, jax.random.key(3), (4, D, 1), known=jnp.zeros((4, D, 1)),
+  x0, info0 = sample_jit(DENOISER, jax.random.key(3), (4, D, 1), **config)
+  x1, info1 = sample_jit(DENOISER, jax.random.key(3), (4, D, 1), known=jnp.zeros((4, D, 1)),
                      known_mask=np.zeros((4, D), bool), **config)
   np.testing.assert_array_equal(np.asarray(x0), np.asarray(x1))
   assert int(info0["nfe"]) == int(info1["nfe"]) == 10
@@ -248,7 +253,7 @@ def test_known_tokens_bit_exact_per_example(update):
   rng = np.random.default_rng(5)
   values = (rng.standard_normal((5, D, 1)) * 1e3 + np.pi).astype(np.float32)
   mask = masks.random_tokens(5, (D,), seed=7, known_fraction=0.4)
-  x, info = sample(DENOISER, jax.random.key(0), (5, D, 1), schedule=SCHEDULE, num_steps=6,
+  x, info = sample_jit(DENOISER, jax.random.key(0), (5, D, 1), schedule=SCHEDULE, num_steps=6,
                    update=update, known=values, known_mask=mask, return_levels=True)
   x = np.asarray(x)
   np.testing.assert_array_equal(x[mask], values[mask])
@@ -370,7 +375,8 @@ def test_schedule_by_name_and_strategy_as_plan():
   from asyncpatch_jax.sampling import StaticPlan
 
   plan = StaticPlan(np.linspace(1.0, 0.0, 5)[:, None].repeat(D, 1))
-  x0, info0 = sample(DENOISER, jax.random.key(0), (2, D, 1), schedule="cosine", strategy=plan)
-  x1, info1 = sample(DENOISER, jax.random.key(0), (2, D, 1), schedule=SCHEDULE, num_steps=4)
+  x0, info0 = sample_jit(DENOISER, jax.random.key(0), (2, D, 1), schedule="cosine", strategy=plan)
+  x1, info1 = sample_jit(DENOISER, jax.random.key(0), (2, D, 1), schedule=SCHEDULE,
+                         num_steps=4)
   np.testing.assert_allclose(np.asarray(x0), np.asarray(x1), atol=1e-6)
   assert int(info0["nfe"]) == int(info1["nfe"]) == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -17,8 +18,9 @@ from asyncpatch_jax.sampling.cli import write_outputs
 
 def _run(**kwargs):
   denoiser = lambda z, t: Prediction(0.5 * z, 0.1 + 0.0 * z)
-  return sample(denoiser, jax.random.key(0), (4, 8, 8, 3), schedule=get_schedule("cosine"),
-                patch_size=2, return_levels=True, **kwargs)
+  return jax.jit(functools.partial(
+      sample, denoiser, x_shape=(4, 8, 8, 3), schedule=get_schedule("cosine"), patch_size=2,
+      return_levels=True, **kwargs))(jax.random.key(0))
 
 
 def test_writes_grid_npz_settings_and_gif(tmp_path):

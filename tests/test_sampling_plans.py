@@ -33,6 +33,11 @@ DENOISER = analytic.GaussianDenoiser(np.linspace(-0.5, 0.5, D),
 JIT_DENOISER = jax.jit(DENOISER)  # for direct calls outside a jitted sampler
 
 
+def sample_jit(denoiser, rng, x_shape, **kwargs):
+  """`sample` compiled as one program (run eagerly, its loop pieces dispatch one by one)."""
+  return jax.jit(functools.partial(sample, denoiser, x_shape=x_shape, **kwargs))(rng)
+
+
 def _levels(value, shape=(4, D)):
   return jnp.full(shape, value, jnp.float32)
 
@@ -156,7 +161,7 @@ def _trajectory(plan_or_kwargs, x_shape=(1, D, 1), denoiser=None, **kwargs):
     kwargs = {**plan_or_kwargs, **kwargs}
   else:
     kwargs = {"strategy": plan_or_kwargs, **kwargs}
-  _, info = sample(denoiser, jax.random.key(0), x_shape, schedule=SCHEDULE,
+  _, info = sample_jit(denoiser, jax.random.key(0), x_shape, schedule=SCHEDULE,
                    return_levels=True, **kwargs)
   return np.asarray(info["levels"])[: int(info["num_steps"]) + 1]
 

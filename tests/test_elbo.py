@@ -9,6 +9,7 @@ import pytest
 
 from asyncpatch_jax import diffusion as d
 from asyncpatch_jax.diffusion import paths
+from asyncpatch_jax.sampling import analytic
 
 D = 8          # a 1-D signal of 8 elements, 1 channel
 PATCH = 2      # 4 tokens of 2 elements
@@ -25,9 +26,12 @@ def gaussian_denoiser(mu=MU, cov=SIGMA):
     alpha, sigma = SCHEDULE.alpha_sigma(d.expand_levels(t, z.shape, PATCH))
     a, s2, zz = alpha[..., 0], sigma[..., 0] ** 2, z[..., 0]           # [B, D]
     cov_z = a[:, :, None] * cov * a[:, None, :] + jax.vmap(jnp.diag)(s2)
-    gain = cov[None] * a[:, None, :]                                   # Σ diag(α)
-    resid = jax.vmap(jnp.linalg.solve)(cov_z, zz - a * mu)
-    return (mu + jnp.einsum("bij,bj->bi", gain, resid))[..., None]
+    # E[x|z] = μ + Σ A Cov(z)⁻¹ (z − A μ), through a Cholesky factor in plain JAX ops (LAPACK
+    # calls from several CPU device threads at once can deadlock in OpenBLAS).
+    chol = analytic.cholesky(cov_z)
+    w = analytic.solve_lower(chol, a[:, :, None] * cov[None])        # L⁻¹ A Σ
+    v = analytic.solve_lower(chol, (zz - a * mu)[..., None])         # L⁻¹ (z − A μ)
+    return (mu + jnp.einsum("bji,bjk->bi", w, v))[..., None]
 
   return denoiser
 

@@ -1,0 +1,432 @@
+"""Throughput, compile time, memory and FLOPs of the real train step and sampler (issue 9).
+
+On whatever backend JAX runs on, for one network (U-Net or DiT) this measures:
+
+  - the train step of `asyncpatch_jax/train/step.py` (built from `configs.base.get_config()` with
+    overrides, jitted and donated as the trainer does): compile time, images/s, FLOPs per step
+    from XLA's cost analysis and MFU (given a peak: `--peak_tflops`, default 989 for H100/H200
+    in bf16, else none);
+  - the cost of asynchrony: the same train step with the recipe's per-token level maps vs
+    homogeneous maps (the level sampler 'homogeneous'), and the network's forward and
+    forward+backward with a per-token map `[B, h, w]` vs one level per image `[B]`;
+  - the whole sampling loop (`asyncpatch_jax.sampling.sample`, uniform plan, `make_denoiser`)
+    as one compiled program: compile time, images/s, NFE/s and its overhead over bare forward
+    passes;
+  - peak memory (device `memory_stats()` where available, else the process's max RSS);
+  - optionally (`--torch`) the official PyTorch DiT's train step (`benchmarks/torch_dit.py`) on
+    the same batch on the CPU, and the ratio of images/s.
+
+Wall time and process CPU time (`time.process_time`, all threads) are both recorded: on a shared,
+loaded machine wall time depends on other jobs; CPU time much less so. Results are added to
+`results/throughput_<backend>.json` (one entry per configuration, written atomically) and printed
+as a markdown table.
+
+    python benchmarks/throughput.py --model dit --dit_size S --dit_patch 2 --image_size 32 \
+        --channels 4 --batch 32 --steps 3 --torch
+    python benchmarks/throughput.py --model unet --image_size 32 --channels 3 --batch 32
+    python benchmarks/throughput.py --quick --out /tmp/t.json     # tiny sizes (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from asyncpatch_jax import models, sampling
+from asyncpatch_jax.train import mesh as mesh_lib
+from asyncpatch_jax.train import optimizer as opt_lib
+from asyncpatch_jax.train import state as state_lib
+from asyncpatch_jax.train import step as step_lib
+from configs import base
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", default="dit", choices=("dit", "unet"))
+  parser.add_argument("--dit_size", default="S", choices=sorted(models.DIT_SIZES))
+  parser.add_argument("--dit_patch", type=int, default=2)
+  parser.add_argument("--level_patch", type=int, default=0,
+                      help="level-map token size (0: the DiT patch, 1 for the U-Net)")
+  parser.add_argument("--image_size", type=int, default=32)
+  parser.add_argument("--channels", type=int, default=4)
+  parser.add_argument("--num_classes", type=int, default=1000)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--steps", type=int, default=3, help="timed calls per case after warm-up")
+  parser.add_argument("--sample_steps", type=int, default=16, help="sampler steps (NFE)")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="the device's peak TFLOP/s for MFU (default: H100/H200 bf16 989)")
+  parser.add_argument("--torch", action="store_true",
+                      help="also time the official PyTorch DiT's train step (CPU) side by side")
+  parser.add_argument("--skip", default="", help="comma list of parts to skip: "
+                      "train,asynchrony,sampling")
+  parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+  parser.add_argument("--out", default="", help="JSON path (default results/throughput_<backend>"
+                      ".json)")
+  return parser.parse_args(argv)
+
+
+def make_config(args, level_sampler: str = "recipe") -> ml_collections.ConfigDict:
+  """The training config: `configs.base` with this benchmark's overrides."""
+  config = base.get_config("debug" if args.quick else None)
+  with config.unlocked():
+    model = config.model
+    model.name = args.model
+    model.dtype = args.dtype
+    model.num_classes = args.num_classes
+    model.dropout = 0.0 if args.quick else model.dropout
+    if args.model == "dit":
+      model.dit_size = args.dit_size
+      model.dit_patch = args.dit_patch
+    config.data.image_size = args.image_size
+    config.data.channels = args.channels
+    config.data.num_classes = args.num_classes
+    config.data.batch_size = args.batch
+    config.diffusion.patch_size = level_patch(args)
+    if level_sampler == "homogeneous":
+      config.diffusion.level_sampler = ml_collections.ConfigDict({"name": "homogeneous"})
+  return config
+
+
+def level_patch(args) -> int:
+  if args.level_patch:
+    return args.level_patch
+  return args.dit_patch if args.model == "dit" else 1
+
+
+def timed(fn, reps: int, warmup: int = 1) -> dict[str, float]:
+  """Median/min wall seconds and median process CPU seconds of `fn()` (blocked) after warm-up."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  wall, cpu = [], []
+  for _ in range(reps):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn())
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  return {"wall_s": statistics.median(wall), "wall_min_s": min(wall),
+          "cpu_s": statistics.median(cpu)}
+
+
+def compile_timed(jitted, *args):
+  start = time.perf_counter()
+  lowered = jitted.lower(*args)
+  compiled = lowered.compile()
+  return compiled, time.perf_counter() - start
+
+
+def cost_flops(compiled) -> float | None:
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:
+    return None
+  if isinstance(analysis, list | tuple):
+    analysis = analysis[0] if analysis else None
+  if not analysis or "flops" not in analysis:
+    return None
+  return float(analysis["flops"])
+
+
+def peak_memory() -> dict[str, float | str]:
+  stats = None
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:
+    stats = None
+  if stats and "peak_bytes_in_use" in stats:
+    return {"peak_bytes": float(stats["peak_bytes_in_use"]), "source": "device memory_stats"}
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # KiB on Linux
+  return {"peak_bytes": rss, "source": "process max RSS"}
+
+
+def default_peak_tflops(dtype: str) -> float | None:
+  kind = jax.devices()[0].device_kind
+  if dtype == "bfloat16":
+    for name, peak in PEAK_BF16_TFLOPS.items():
+      if name in kind:
+        return peak
+  return None
+
+
+def fake_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  b, s, c = int(config.data.batch_size), int(config.data.image_size), int(config.data.channels)
+  batch = {"image": rng.integers(0, 256, (b, s, s, c), dtype=np.uint8)}
+  batch["label"] = rng.integers(0, max(int(config.model.num_classes), 1), (b,), dtype=np.int32)
+  return batch
+
+
+def train_step_case(config, reps: int, peak: float | None) -> dict:
+  """Compiles and times the real train step (state donated) on a synthetic batch."""
+  mesh = mesh_lib.make_mesh(config.mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  tx = opt_lib.make_optimizer(config.optimizer, int(config.num_steps))
+  setup = state_lib.setup_state(config, mesh, tx)
+  state = setup.init(config)
+  batch = jax.device_put(fake_batch(config), batch_sharding)
+  jitted = step_lib.jit_train_step(step_lib.make_train_step(config, setup), setup,
+                                   batch_sharding)
+  compiled, compile_s = compile_timed(jitted, state, batch)
+  flops = cost_flops(compiled)
+  holder = [state]
+
+  def run():
+    holder[0], metrics = compiled(holder[0], batch)
+    return metrics
+
+  t = timed(run, reps)
+  images = int(config.data.batch_size)
+  out = {"compile_s": compile_s, **t, "images_per_s": images / t["wall_s"],
+         "images_per_cpu_s": images / t["cpu_s"] if t["cpu_s"] > 0 else None,
+         "flops_per_step": flops, "params": state_lib.num_params(holder[0].params)}
+  if flops:
+    out["tflops_per_s"] = flops / t["wall_s"] / 1e12
+    if peak:
+      out["mfu"] = out["tflops_per_s"] / peak
+  return out
+
+
+def build_model(config) -> nnx.Module:
+  return state_lib.build_model(config, state_lib.model_rngs(state_lib.init_key(config)))
+
+
+def asynchrony_cases(config, reps: int) -> dict:
+  """Forward and forward+backward of one network: per-token map vs one level per image."""
+  model = build_model(config)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  b, s, c = int(config.data.batch_size), int(config.data.image_size), int(config.data.channels)
+  p = int(config.diffusion.patch_size)
+  rng = np.random.default_rng(1)
+  z = jnp.asarray(rng.standard_normal((b, s, s, c)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, max(int(config.model.num_classes), 1), (b,)), jnp.int32)
+  labels = labels if int(config.model.num_classes) > 0 else None
+  t_map = jnp.asarray(rng.uniform(0.0, 1.0, (b, s // p, s // p)), jnp.float32)
+  t_hom = jnp.broadcast_to(t_map[:, :1, :1], t_map.shape)
+  t_scalar = t_map[:, 0, 0]
+
+  def forward(params, t, deterministic):
+    m = nnx.merge(graphdef, params, rest)
+    return m(z, t, labels, deterministic=deterministic).output
+
+  def loss(params, t):
+    return jnp.mean(jnp.square(forward(params, t, False).astype(jnp.float32) - z))
+
+  grad = jax.grad(loss)
+  cases = {
+      "forward, per-token map (dense)": (functools.partial(forward, deterministic=False),
+                                         t_map),
+      "forward, homogeneous map (eval: scalar path)": (
+          functools.partial(forward, deterministic=True), t_hom),
+      "forward, one level per image [B]": (functools.partial(forward, deterministic=False),
+                                           t_scalar),
+      "fwd+bwd, per-token map": (grad, t_map),
+      "fwd+bwd, one level per image [B]": (grad, t_scalar),
+  }
+  out = {}
+  for name, (fn, t) in cases.items():
+    compiled, compile_s = compile_timed(jax.jit(fn), params, t)
+    out[name] = {"compile_s": compile_s, "flops": cost_flops(compiled),
+                 **timed(lambda compiled=compiled, t=t: compiled(params, t), reps)}
+    out[name]["images_per_s"] = b / out[name]["wall_s"]
+  return out
+
+
+def sampling_case(config, args, reps: int, forward_hom_s: float | None) -> dict:
+  """The whole sampling loop as one compiled program (uniform plan, ancestral updates)."""
+  model = build_model(config)
+  split = nnx.split(model)
+  b, s, c = int(config.data.batch_size), int(config.data.image_size), int(config.data.channels)
+  schedule = state_lib.make_schedule(config.diffusion)
+  num_classes = int(config.model.num_classes)
+  labels = jnp.zeros((b,), jnp.int32) if num_classes > 0 else None
+
+  def run(state, rng):
+    denoiser = models.make_denoiser(
+        (split[0], state), schedule=schedule, parametrization=str(config.model.parametrization),
+        patch_size=int(config.diffusion.patch_size), labels=labels, num_classes=num_classes)
+    return sampling.sample(denoiser, rng, (b, s, s, c), schedule=schedule,
+                           num_steps=args.sample_steps,
+                           patch_size=int(config.diffusion.patch_size))
+
+  rng = jax.random.key(0)
+  compiled, compile_s = compile_timed(jax.jit(run), split[1], rng)
+  _, info = compiled(split[1], rng)
+  nfe = int(info["nfe"])
+  t = timed(lambda: compiled(split[1], rng), reps)
+  out = {"compile_s": compile_s, "nfe": nfe, **t, "images_per_s": b / t["wall_s"],
+         "nfe_per_s": nfe / t["wall_s"]}
+  if forward_hom_s:
+    out["overhead_vs_bare_forwards"] = t["wall_s"] / (nfe * forward_hom_s) - 1.0
+  return out
+
+
+def torch_case(args, reps: int) -> dict:
+  """The official PyTorch DiT's train step (benchmarks/torch_dit.py) on the same batch."""
+  import torch
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import torch_dit
+
+  torch.manual_seed(0)
+  if args.quick:
+    model = torch_dit.DiT(input_size=args.image_size, patch_size=args.dit_patch,
+                          in_channels=args.channels, hidden_size=32, depth=2, num_heads=2,
+                          num_classes=args.num_classes)
+  else:
+    model = torch_dit.make_dit(args.dit_size, args.dit_patch, args.image_size, args.channels,
+                               args.num_classes)
+  step = torch_dit.make_train_step(model)
+  x = torch.randn(args.batch, args.channels, args.image_size, args.image_size)
+  y = torch.randint(0, args.num_classes, (args.batch,))
+  step(x, y)
+  wall, cpu = [], []
+  for _ in range(reps):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    step(x, y)
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  t = {"wall_s": statistics.median(wall), "wall_min_s": min(wall),
+       "cpu_s": statistics.median(cpu)}
+  return {**t, "images_per_s": args.batch / t["wall_s"],
+          "images_per_cpu_s": args.batch / t["cpu_s"] if t["cpu_s"] > 0 else None,
+          "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def write_json(path: str, key: str, entry: dict) -> None:
+  """Adds `entry` under `key` to the JSON file at `path`, atomically (temp file + rename)."""
+  data = {}
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        data = json.load(f)
+    except (OSError, ValueError):
+      data = {}
+  data[key] = entry
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    json.dump(data, f, indent=2, default=float)
+  os.replace(tmp, path)
+
+
+def fmt(x, spec=".2f"):
+  return "-" if x is None else format(x, spec)
+
+
+def table(entry: dict) -> str:
+  rows = ["| case | images/s (wall) | wall s | CPU s | compile s | GFLOP | MFU |",
+          "|---|---|---|---|---|---|---|"]
+
+  def row(name, r):
+    flops = r.get("flops_per_step", r.get("flops"))
+    rows.append(f"| {name} | {fmt(r.get('images_per_s'))} | {fmt(r['wall_s'], '.3f')} | "
+                f"{fmt(r['cpu_s'], '.3f')} | {fmt(r.get('compile_s'), '.1f')} | "
+                f"{fmt(None if flops is None else flops / 1e9, '.1f')} | "
+                f"{fmt(r.get('mfu'), '.1%')} |")
+
+  for name, r in entry.get("train", {}).items():
+    row(f"train step, {name} level maps", r)
+  for name, r in entry.get("asynchrony", {}).items():
+    row(name, r)
+  if "sampling" in entry:
+    r = entry["sampling"]
+    row(f"sampling loop ({r['nfe']} NFE; {r['nfe_per_s']:.2f} NFE/s)", r)
+  if "torch" in entry:
+    row(f"PyTorch DiT train step (torch {entry['torch']['torch']})", entry["torch"])
+  lines = rows
+  for name, value in entry.get("summary", {}).items():
+    lines.append(f"\n- {name}: {fmt(value, '.3f')}")
+  lines.append(f"\n- peak memory: {entry['memory']['peak_bytes'] / 2**30:.2f} GiB "
+               f"({entry['memory']['source']})")
+  lines.append("- wall time depends on other jobs on a shared machine; CPU time is the process's "
+               "(all threads), images/s use wall time")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.quick:
+    args.image_size, args.batch, args.steps = 8, 4, 1
+    args.sample_steps, args.num_classes = 2, 10
+  skip = {w.strip() for w in args.skip.split(",") if w.strip()}
+  backend = jax.default_backend()
+  device = jax.devices()[0]
+  peak = args.peak_tflops or default_peak_tflops(args.dtype)
+  name = ("dit-" + f"{args.dit_size}/{args.dit_patch}" if args.model == "dit" else "unet")
+  if args.quick:
+    name += "-quick"
+  key = f"{name} {args.image_size}x{args.image_size}x{args.channels} b{args.batch} {args.dtype}"
+  entry: dict = {"config": {k: v for k, v in vars(args).items()},
+                 "backend": backend, "device_kind": device.device_kind,
+                 "num_devices": jax.device_count(), "peak_tflops": peak,
+                 "jax": jax.__version__, "python": platform.python_version(),
+                 "cpu_count": os.cpu_count(), "load_avg": list(os.getloadavg()),
+                 "note": "wall_s is wall-clock; cpu_s is time.process_time (all threads); the "
+                         "machine may be shared"}
+  if "train" not in skip:
+    entry["train"] = {"per-token (recipe)": train_step_case(make_config(args), args.steps, peak),
+                      "homogeneous": train_step_case(make_config(args, "homogeneous"),
+                                                     args.steps, peak)}
+  forward_hom_s = None
+  if "asynchrony" not in skip:
+    entry["asynchrony"] = asynchrony_cases(make_config(args), args.steps)
+    forward_hom_s = entry["asynchrony"]["forward, homogeneous map (eval: scalar path)"]["wall_s"]
+  if "sampling" not in skip:
+    entry["sampling"] = sampling_case(make_config(args), args, args.steps, forward_hom_s)
+  if args.torch:
+    entry["torch"] = torch_case(args, args.steps)
+  summary = {}
+  if "train" in entry:
+    tr = entry["train"]
+    summary["train: per-token / homogeneous wall time"] = (
+        tr["per-token (recipe)"]["wall_s"] / tr["homogeneous"]["wall_s"])
+  if "asynchrony" in entry:
+    a = entry["asynchrony"]
+    summary["forward: per-token map / [B] levels (wall)"] = (
+        a["forward, per-token map (dense)"]["wall_s"]
+        / a["forward, one level per image [B]"]["wall_s"])
+    summary["fwd+bwd: per-token map / [B] levels (wall)"] = (
+        a["fwd+bwd, per-token map"]["wall_s"] / a["fwd+bwd, one level per image [B]"]["wall_s"])
+    summary["fwd+bwd: per-token map / [B] levels (FLOPs)"] = (
+        (a["fwd+bwd, per-token map"]["flops"] or 0)
+        / (a["fwd+bwd, one level per image [B]"]["flops"] or 1))
+  if "sampling" in entry and "overhead_vs_bare_forwards" in entry["sampling"]:
+    summary["sampling loop overhead vs bare forwards"] = (
+        entry["sampling"]["overhead_vs_bare_forwards"])
+  if "torch" in entry and "train" in entry:
+    ours = entry["train"]["per-token (recipe)"]
+    summary["ours / PyTorch DiT images/s (wall)"] = (ours["images_per_s"]
+                                                    / entry["torch"]["images_per_s"])
+    summary["ours / PyTorch DiT images per CPU-second"] = (
+        ours["images_per_cpu_s"] / entry["torch"]["images_per_cpu_s"])
+  entry["summary"] = summary
+  entry["memory"] = peak_memory()
+  out = args.out or os.path.join("results", f"throughput_{backend}.json")
+  write_json(out, key, entry)
+  print(f"\n### {key} on {backend} ({device.device_kind}), {args.steps} timed steps\n")
+  print(table(entry))
+  print(f"\nwrote {out}")
+  return entry
+
+
+if __name__ == "__main__":
+  main()

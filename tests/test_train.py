@@ -89,6 +89,8 @@ def test_tfds_debug_config_takes_a_real_step(config_module, tfds_tmp):
   config = config_module.get_config("debug")
   config.optimizer.warmup_steps = 0
   config.mesh.data, config.mesh.fsdp = 1, 1
+  if config_module is cifar10:  # also run the gradient-accumulation path (2 microbatches of 4)
+    config.optimizer.grad_accum_steps = 2
   setup, batch_sharding, step = _build(config, jax.devices()[:1])
   with tfds.testing.mock_data(num_examples=16):
     pipe = data_lib.create_train_pipeline(config.data, batch_sharding)

@@ -1,10 +1,10 @@
 """The device mesh from the config and parameter shardings from rules over abstract state.
 
 Two mesh axes: `data` (pure data parallelism, parameters replicated) and `fsdp` (data
-parallelism with parameters and optimizer state sharded). The batch is split over both. Parameter
-shardings come from an ordered list of `(regex, spec)` rules matched against each parameter's
-path ("a/b/kernel"), evaluated on the abstract (`nnx.eval_shape`) state, so nothing is allocated
-before it is placed. A spec is:
+parallelism with parameters and optimizer state sharded). The batch is split over both.
+Parameter shardings come from an ordered list of `(regex, spec)` rules — the first regex found in
+the parameter's path ("encoder/0/res/conv1/kernel") wins — evaluated on the abstract
+(`nnx.eval_shape`) state, so nothing is allocated before it is placed. A spec is:
   'fsdp'       shard the largest axis divisible by the fsdp size (replicate if none is, or if
                the parameter has fewer than `mesh.min_shard_size` elements),
   'replicate'  keep a full copy on every device,
@@ -103,7 +103,7 @@ def spec_for(path: str, shape: Sequence[int], rules: Sequence[tuple[str, Any]], 
              min_size: int) -> P:
   """The PartitionSpec of one parameter: the first rule whose regex matches `path`."""
   for pattern, spec in rules:
-    if re.fullmatch(pattern, path) or re.search(pattern, path):
+    if re.search(pattern, path):
       if spec == "fsdp":
         return _fsdp_spec(shape, fsdp, min_size)
       if spec in ("replicate", None, ()):

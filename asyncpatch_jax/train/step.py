@@ -24,7 +24,13 @@ from asyncpatch_jax.data.pipeline import to_model_range
 from asyncpatch_jax.diffusion import level_samplers
 from asyncpatch_jax.train import optimizer as opt_lib
 from asyncpatch_jax.train.mesh import BATCH_AXES
-from asyncpatch_jax.train.state import ModelDef, StateSetup, TrainState, train_rng_root
+from asyncpatch_jax.train.state import (
+    ModelDef,
+    StateSetup,
+    TrainState,
+    make_schedule,
+    train_rng_root,
+)
 
 NO_FAILURE = jnp.iinfo(jnp.int32).max
 
@@ -71,9 +77,7 @@ def make_loss_fn(config: Any, model_def: ModelDef, *, train: bool = True) -> Cal
 
   `train=False` evaluates the same objective with dropout off and labels kept.
   """
-  schedule = diffusion.get_schedule(config.diffusion.schedule,
-                                    log_snr_min=config.diffusion.log_snr_min,
-                                    log_snr_max=config.diffusion.log_snr_max)
+  schedule = make_schedule(config.diffusion)
   level_sampler = level_samplers.from_config(config.diffusion.level_sampler)
   patch = int(config.diffusion.patch_size)
   parametrization = str(config.model.parametrization)

@@ -112,6 +112,10 @@ def level_patch(args) -> int:
   return args.dit_patch if args.model == "dit" else 1
 
 
+def log(message: str) -> None:
+  print(f"[throughput {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def timed(fn, reps: int, warmup: int = 1) -> dict[str, float]:
   """Median/min wall seconds and median process CPU seconds of `fn()` (blocked) after warm-up."""
   for _ in range(warmup):
@@ -384,16 +388,21 @@ def main(argv=None) -> dict:
                  "note": "wall_s is wall-clock; cpu_s is time.process_time (all threads); the "
                          "machine may be shared"}
   if "train" not in skip:
-    entry["train"] = {"per-token (recipe)": train_step_case(make_config(args), args.steps, peak),
-                      "homogeneous": train_step_case(make_config(args, "homogeneous"),
-                                                     args.steps, peak)}
+    log("train step, per-token level maps")
+    entry["train"] = {"per-token (recipe)": train_step_case(make_config(args), args.steps, peak)}
+    log("train step, homogeneous level maps")
+    entry["train"]["homogeneous"] = train_step_case(make_config(args, "homogeneous"),
+                                                    args.steps, peak)
   forward_hom_s = None
   if "asynchrony" not in skip:
+    log("forward and fwd+bwd: per-token map vs one level per image")
     entry["asynchrony"] = asynchrony_cases(make_config(args), args.steps)
     forward_hom_s = entry["asynchrony"]["forward, homogeneous map (eval: scalar path)"]["wall_s"]
   if "sampling" not in skip:
+    log(f"sampling loop ({args.sample_steps} steps)")
     entry["sampling"] = sampling_case(make_config(args), args, args.steps, forward_hom_s)
   if args.torch:
+    log("PyTorch DiT train step")
     entry["torch"] = torch_case(args, args.steps)
   summary = {}
   if "train" in entry:

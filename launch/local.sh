@@ -90,9 +90,10 @@ for ((i = 0; i < num; i++)); do
   pids+=("$!")
 done
 status=0
-# Wait for the processes one finish at a time; on the first failure stop the rest.
+# Wait for the processes one finish at a time (they are this shell's only background jobs); on
+# the first failure stop the rest.
 for ((done_count = 0; done_count < num; done_count++)); do
-  if ! wait -n "${pids[@]}"; then
+  if ! wait -n; then
     status=1
     echo "local.sh: a process failed; stopping the others (logs in $workdir/logs/)" >&2
     break

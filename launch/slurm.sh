@@ -25,7 +25,7 @@ Options:
 
 Example:
   launch/slurm.sh --nodes 4 --partition gpu --workdir /shared/runs/in256 \
-      -- --config.train.num_steps=400000
+      -- --config.num_steps=400000
 USAGE
 }
 

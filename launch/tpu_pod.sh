@@ -36,7 +36,7 @@ Example:
   launch/tpu_pod.sh create --name ap --zone us-central2-b --accelerator v4-32
   launch/tpu_pod.sh setup  --name ap --zone us-central2-b
   launch/tpu_pod.sh run    --name ap --zone us-central2-b --workdir gs://my-bucket/ap/in256 \
-      -- --config.train.num_steps=400000
+      -- --config.num_steps=400000
 USAGE
 }
 

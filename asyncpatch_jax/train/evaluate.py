@@ -22,7 +22,6 @@ from jax.sharding import PartitionSpec as P
 from asyncpatch_jax import data as data_lib
 from asyncpatch_jax import models
 from asyncpatch_jax.diffusion import elbo, paths
-from asyncpatch_jax.train import checkpoint as ckpt_lib
 from asyncpatch_jax.train import optimizer as opt_lib
 from asyncpatch_jax.train import state as state_lib
 from asyncpatch_jax.train import step as step_lib
@@ -96,20 +95,10 @@ def evaluate(config: Any, workdir: str | epath.Path) -> dict[str, float]:
   """`--mode=eval`: the latest checkpoint's EMA over the whole eval split; writes JSON."""
   from asyncpatch_jax.train import trainer  # the shared preparation; avoids an import cycle
 
-  workdir, mesh, batch_sharding = trainer.prepare(config, workdir)
-  setup = state_lib.setup_state(config, mesh,
-                                opt_lib.make_optimizer(config.optimizer, int(config.num_steps)))
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint,
-                                       read_only=True)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint to evaluate in {workdir / 'checkpoints'}; train "
-                            f"first (--mode=train)")
-  state = checkpointer.restore(step, setup.abstract)
+  workdir, batch_sharding, setup, state, step = trainer.restore_latest(config, workdir)
   results = Evaluator(config, setup, batch_sharding, num_batches=0)(state)
   results["step"] = step
   logging.info("Evaluation at step %d: %s", step, results)
   if jax.process_index() == 0:
     (workdir / f"eval_step_{step}.json").write_text(json.dumps(results, indent=2))
-  checkpointer.close()
   return results

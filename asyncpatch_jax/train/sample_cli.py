@@ -15,27 +15,14 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 
-from asyncpatch_jax.train import checkpoint as ckpt_lib
-from asyncpatch_jax.train import optimizer as opt_lib
 from asyncpatch_jax.train import samples as samples_lib
-from asyncpatch_jax.train import state as state_lib
 
 
 def sample_from_checkpoint(config: Any, workdir: str | epath.Path) -> dict[str, np.ndarray]:
   """Writes `<workdir>/samples/{samples,inpaint}_<step>.png` and `arrays_<step>.npz`."""
   from asyncpatch_jax.train import trainer  # shared checks and mesh; avoids an import cycle
 
-  workdir, mesh, _ = trainer.prepare(config, workdir)
-  setup = state_lib.setup_state(config, mesh,
-                                opt_lib.make_optimizer(config.optimizer, int(config.num_steps)))
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint,
-                                       read_only=True)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; train first "
-                            f"(--mode=train)")
-  state = checkpointer.restore(step, setup.abstract)
-  checkpointer.close()
+  workdir, _, setup, state, step = trainer.restore_latest(config, workdir)
   out_dir = workdir / "samples"
   if jax.process_index() == 0:
     out_dir.mkdir(parents=True, exist_ok=True)

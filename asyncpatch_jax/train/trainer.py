@@ -222,3 +222,24 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     else:
       out[key] = v
   return out
+
+
+def restore_latest(config: Any, workdir: Any):
+  """The checks of `prepare`, then the latest checkpoint restored onto the mesh (read-only).
+
+  Returns `(workdir, batch_sharding, setup, state, step)`; shared by --mode=sample and eval.
+  """
+  workdir, mesh, batch_sharding = prepare(config, workdir)
+  setup = state_lib.setup_state(config, mesh,
+                                opt_lib.make_optimizer(config.optimizer, int(config.num_steps)))
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint,
+                                       read_only=True)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; train first "
+                              f"(--mode=train)")
+    state = checkpointer.restore(step, setup.abstract)
+  finally:
+    checkpointer.close()
+  return workdir, batch_sharding, setup, state, step

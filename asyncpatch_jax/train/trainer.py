@@ -128,7 +128,8 @@ def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
   latest = checkpointer.latest_step()
   if latest is not None:
-    state = checkpointer.restore(latest, setup.abstract, train_data.iterator)
+    # The newest checkpoint that restores; damaged newer ones are skipped and moved aside.
+    state = checkpointer.restore(None, setup.abstract, train_data.iterator)
   else:
     state = setup.init(config)
   initial_step = int(state.step)

@@ -1,9 +1,10 @@
 """Defaults for every run; dataset configs (`mnist.py`, `cifar10.py`, …) override them.
 
-Usage: `python -m asyncpatch_jax.main --config=configs/NAME.py[:debug] --workdir=DIR
+Usage: `python -m asyncpatch_jax.main --config=configs/NAME.py[:ARGS] --workdir=DIR
 [--config.a.b=value]`. The returned config is locked: a typo in a dataset config or on the
-command line is an error, not a silently ignored field. `debug` shrinks any config to run on a
-laptop CPU in seconds (tiny network, batch 8, a few steps).
+command line is an error, not a silently ignored field. ARGS are comma-separated words: `debug`
+shrinks any config to run on a laptop CPU in seconds (tiny network, batch 8, a few steps); a
+config may accept its own words too (`configs/imagenet.py:unet,debug`), listed in its docstring.
 """
 
 from __future__ import annotations
@@ -16,13 +17,22 @@ from asyncpatch_jax.diffusion import level_samplers
 ARGS = ("debug",)
 
 
-def parse_arg(arg: str | None) -> set[str]:
-  """`'debug'` → {'debug'}; '' / None → {}. Anything else is an error naming the choices."""
+def parse_arg(arg: str | None, choices: tuple[str, ...] = ARGS) -> set[str]:
+  """`'unet,debug'` → {'unet', 'debug'}; '' / None → {}. A word not in `choices` (the config's
+  own words and 'debug') is an error naming the choices."""
   words = {w.strip() for w in (arg or "").split(",") if w.strip()}
-  unknown = sorted(words - set(ARGS))
+  unknown = sorted(words - set(choices))
   if unknown:
-    raise ValueError(f"unknown config argument(s) {unknown}; choose from {ARGS}")
+    raise ValueError(f"unknown config argument(s) {unknown}; choose from {choices}")
   return words
+
+
+def pick_variant(words: set[str], variants: tuple[str, ...]) -> str:
+  """The one word of `variants` in `words`, or the first variant (the default) if none."""
+  chosen = sorted(words & set(variants))
+  if len(chosen) > 1:
+    raise ValueError(f"config arguments {chosen} exclude each other; choose one of {variants}")
+  return chosen[0] if chosen else variants[0]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -49,7 +59,14 @@ def defaults() -> ml_collections.ConfigDict:
   config.diffusion.level_sampler = level_samplers.default_config()
 
   config.data = ml_collections.ConfigDict({
-      "source": "tfds",               # mnist | digits | textures | tfds
+      "source": "tfds",               # mnist | digits | textures | tfds | latents
+      # 'latents': VAE latents of the images, cached per split in <latent_dir>/<split> by
+      # `python -m asyncpatch_jax.latents.build` (config.vae names the VAE; image_size is the
+      # pixel resolution that was encoded). The images came from TFDS (tfds_name) or from the
+      # LSUN LMDB exports <lsun_dir>/<lsun_category>_{train,val}_lmdb.
+      "latent_dir": "",
+      "lsun_dir": "",
+      "lsun_category": "",            # e.g. 'church_outdoor', 'bedroom'; '' = TFDS images
       "tfds_name": "",
       "tfds_data_dir": "",            # '' = TFDS's default ($TFDS_DATA_DIR, ~/tensorflow_datasets)
       "label_key": "label",           # '' for unlabelled sets
@@ -112,7 +129,22 @@ def defaults() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict({
       "every_steps": 10_000,          # 0: never during training
       "num_batches": 8,               # global batches of the eval split per evaluation
-      "elbo_steps": 0,                # > 0: also bits/dim along the homogeneous path
+      "elbo_steps": 0,                # > 0: also bits/dim along each of `paths`
+      "paths": "homogeneous",         # comma-separated: homogeneous, raster, random
+      "fid_samples": 0,               # --mode=eval: > 0 adds FID / KID of this many samples
+      "fid_batch_size": 64,           # samples drawn (and Inception batches) at a time
+      "fid_split": "train",           # the reference statistics' split
+      "fid_cache_dir": "",            # '' = <workdir>/fid_cache
+  })
+
+  config.vae = ml_collections.ConfigDict({  # the autoencoder of data.source='latents'
+      "name": "sd",                   # 'sd': Stable Diffusion's VAE; 'tiny': debug runs
+      # The diffusers safetensors file (stabilityai/sd-vae-ft-ema's
+      # diffusion_pytorch_model.safetensors); 'random': seeded random weights ('tiny' only).
+      "weights": "",
+      "scaling_factor": 0.18215,      # latents are scaled by it (unit variance for the SD VAE)
+      "dtype": "float32",             # the VAE's compute dtype when decoding samples
+      "decode_batch_size": 16,        # latents decoded at a time for sample grids
   })
 
   config.sampling = ml_collections.ConfigDict({
@@ -127,6 +159,14 @@ def defaults() -> ml_collections.ConfigDict:
       "inpaint_mask": "half",         # the known region of the inpainting grid
       "num_inpaint": 16,
       "ema": "",                      # which EMA to sample from ('' = the first decay)
+      # --mode=sample / inpaint (README, "Sampling"):
+      "strategy_options": "",         # the strategy's keywords, e.g. 'rule=quantile,speedup=3'
+      "checkpoint_step": 0,           # the checkpoint to read (0 = the latest)
+      "batch_size": 0,                # samples per compiled call (0 = num_samples at once)
+      "output_dir": "",               # '' = <workdir>/samples; each run gets a fresh folder
+      "image": "",                    # --mode=inpaint: a PNG / JPEG, a folder or a glob
+      "mask": "",                     # a PNG (white = known) or a mask name ('' = inpaint_mask)
+      "mask_invert": False,           # the PNG is white = hole (LaMa's convention)
   })
   return config
 
@@ -159,16 +199,23 @@ def apply_debug(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.sampling.num_samples = 4
   config.sampling.num_steps = 2
   config.sampling.num_inpaint = 2
+  if config.data.source == "latents":  # a random 'tiny' VAE; 32² images give 4×4×4 latents
+    config.data.image_size = 32
+    config.vae.name = "tiny"
+    config.vae.weights = "random"
+    config.vae.decode_batch_size = 4
   return config
 
 
-def finalize(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+def finalize(config: ml_collections.ConfigDict, arg: str | None,
+             choices: tuple[str, ...] = ARGS) -> ml_collections.ConfigDict:
   """Applies the config argument (e.g. `debug`) and locks the structure against typos.
 
   Dataset configs start from `get_config()` (already locked: they can change fields, not add
-  them) and return `finalize(config, arg)`, so `debug` shrinks their own settings.
+  them) and return `finalize(config, arg, CHOICES)`, so `debug` shrinks their own settings;
+  `choices` are the words the config accepts (its own and 'debug').
   """
-  if "debug" in parse_arg(arg):
+  if "debug" in parse_arg(arg, choices):
     apply_debug(config)
   config.lock()
   return config

@@ -1,14 +1,21 @@
-"""Held-out evaluation: the training objective and (optionally) bits/dim, with EMA parameters.
+"""Held-out evaluation: the training objective, bits/dim along corruption paths, FID and KID.
 
 The objective is evaluated with the training level sampler but a fixed key per batch, so numbers
-from different steps are comparable. Bits/dim is the negative ELBO along the homogeneous path
-(VDM's continuous-time bound) with the discretised 8-bit decoder, `eval.elbo_steps` strata.
-`evaluate(config, workdir)` is `--mode=eval`: the latest checkpoint over the whole eval split.
+from different steps are comparable. Bits/dim is the negative ELBO (discretised 8-bit decoder,
+`eval.elbo_steps` strata) along each path of `eval.paths` (METHOD.md, "ELBO"): 'homogeneous' (VDM's
+continuous-time bound), 'raster' (the autoregressive order) and 'random' (a random token order per
+example). `evaluate(config, workdir)` is `--mode=eval`: the latest checkpoint's EMA over the whole
+eval split, plus FID / KID of `eval.fid_samples` samples against the `eval.fid_split` statistics,
+into `<workdir>/eval_step_<step>.json`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -20,11 +27,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from asyncpatch_jax import data as data_lib
-from asyncpatch_jax import models
+from asyncpatch_jax import diffusion, models
+from asyncpatch_jax.data import pipeline
 from asyncpatch_jax.diffusion import elbo, paths
 from asyncpatch_jax.train import optimizer as opt_lib
 from asyncpatch_jax.train import state as state_lib
 from asyncpatch_jax.train import step as step_lib
+
+PATHS = ("homogeneous", "raster", "random")
 
 
 def ema_params_name(config: Any) -> str:
@@ -32,8 +42,30 @@ def ema_params_name(config: Any) -> str:
   return config.sampling.ema or opt_lib.ema_name(config.optimizer.ema_decays[0])
 
 
+def path_names(eval_config: Any) -> tuple[str, ...]:
+  """`eval.paths` ('homogeneous,raster' or a tuple) as names, each checked against `PATHS`."""
+  names = eval_config.paths
+  names = names.split(",") if isinstance(names, str) else list(names)
+  names = tuple(n.strip() for n in names if n.strip())
+  unknown = [n for n in names if n not in PATHS]
+  if unknown or not names:
+    raise ValueError(f"eval.paths={eval_config.paths!r}: unknown path(s) {unknown}; choose "
+                     f"one or more of {PATHS}, comma-separated")
+  return names
+
+
+def make_path(name: str, grid: tuple[int, ...], key: jax.Array) -> paths.Path:
+  """The corruption path `name` on the token grid `[B, *spatial]` (the key draws random orders)."""
+  if name == "homogeneous":
+    return paths.homogeneous()
+  if name == "raster":
+    return paths.raster(grid[1:])
+  return paths.random_order(grid[1:], key, batch=grid[0])
+
+
 class Evaluator:
-  """Mean held-out loss (and bits/dim) over `num_batches` global batches of the eval split."""
+  """Mean held-out loss (and bits/dim per path) over `num_batches` global batches of the eval
+  split (0: the whole split)."""
 
   def __init__(self, config: Any, setup: state_lib.StateSetup, batch_sharding: NamedSharding,
                num_batches: int | None = None):
@@ -48,6 +80,9 @@ class Evaluator:
     schedule = state_lib.make_schedule(config.diffusion)
     patch = int(config.diffusion.patch_size)
     elbo_steps = int(config.eval.elbo_steps)
+    names = path_names(config.eval) if elbo_steps > 0 else ()
+    grid = diffusion.token_grid((int(config.data.batch_size), *state_lib.data_shape(config)),
+                                patch)
     num_classes = int(config.model.num_classes)
     root = jax.random.fold_in(jax.random.key(int(config.seed)), 0xE7A1)
 
@@ -55,17 +90,20 @@ class Evaluator:
       key = jax.random.fold_in(root, index)
       _, (aux, _) = loss_fn(params, model_state, batch, key)
       out = {"loss": aux["loss"], "mse": aux["mse"], "nll": aux["nll"]}
-      if elbo_steps > 0:
+      if names:
         model = setup.model_def.merge(params, model_state)
         labels = batch["label"].astype(jnp.int32) if num_classes else None
         denoiser = models.make_denoiser(
             model, schedule=schedule, parametrization=config.model.parametrization,
             patch_size=patch, labels=labels, num_classes=num_classes)
         x0 = data_lib.to_model_range(batch["image"])
-        bound = elbo.nelbo(denoiser, x0, jax.random.fold_in(key, 1), schedule=schedule,
-                           path=paths.homogeneous(), num_steps=elbo_steps, patch_size=patch,
-                           data="discrete8bit")
-        out["bpd"] = bound["bpd"].mean()
+        for name in names:
+          # The same key for every path: the paths differ only in the order of corruption.
+          path = make_path(name, grid, jax.random.fold_in(key, 2))
+          bound = elbo.nelbo(denoiser, x0, jax.random.fold_in(key, 1), schedule=schedule,
+                             path=path, num_steps=elbo_steps, patch_size=patch,
+                             data="discrete8bit")
+          out["bpd" if name == "homogeneous" else f"bpd_{name}"] = bound["bpd"].mean()
       return out
 
     replicated = NamedSharding(setup.mesh, P())
@@ -91,14 +129,85 @@ class Evaluator:
     return {f"eval/{k}": v / max(count, 1) for k, v in totals.items()}
 
 
+def _reference_batches(config: Any, split: str, batch: int) -> Callable[[], Iterator[np.ndarray]]:
+  """Every image of `split`, preprocessed as for training (no flips), in uint8 batches."""
+  def batches() -> Iterator[np.ndarray]:
+    source = data_lib.get_source(config.data, split)
+    preprocess = pipeline.make_preprocess(config.data, train=False, source=source)
+    for start in range(0, len(source), batch):
+      stop = min(start + batch, len(source))
+      yield np.stack([preprocess(source[i])["image"] for i in range(start, stop)])
+  return batches
+
+
+def _rgb(images: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+  """Grey images to three channels (Inception takes RGB)."""
+  return images if images.shape[-1] == 3 else jnp.repeat(images, 3, axis=-1)
+
+
+def reference_name(config: Any) -> str:
+  """The cache name of the FID reference statistics, e.g. 'tfds-cifar10-train-32'."""
+  name = (f"{config.data.source}-{config.data.tfds_name or 'data'}-{config.eval.fid_split}-"
+          f"{config.data.image_size}")
+  return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def sample_quality(config: Any, setup: state_lib.StateSetup, state: state_lib.TrainState,
+                   workdir: epath.Path) -> dict[str, float]:
+  """FID and KID of `eval.fid_samples` samples (config.sampling's strategy) against the
+  `eval.fid_split` statistics, cached in `eval.fid_cache_dir` (default `<workdir>/fid_cache`)."""
+  from asyncpatch_jax import evaluation  # the Inception weights are only needed here
+  from asyncpatch_jax.train import samples as samples_lib  # avoids an import cycle
+
+  num = int(config.eval.fid_samples)
+  if len(state_lib.data_shape(config)) != 3 or state_lib.data_shape(config)[-1] not in (1, 3):
+    raise ValueError(f"FID needs images with 1 or 3 channels, not data of shape "
+                     f"{state_lib.data_shape(config)}; set --config.eval.fid_samples=0")
+  extractor = evaluation.FeatureExtractor(mesh=setup.mesh)
+  batch = int(config.eval.fid_batch_size)
+  cache_dir = config.eval.fid_cache_dir or os.fspath(workdir / "fid_cache")
+  reference = evaluation.reference_statistics(
+      reference_name(config),
+      lambda: map(_rgb, _reference_batches(config, config.eval.fid_split, batch)()),
+      extractor, cache_dir)
+  sample_fn = samples_lib.make_sample_fn(config, setup, batch, inpaint=False)
+  params = state.ema[ema_params_name(config)]
+  root = jax.random.fold_in(jax.random.key(int(config.seed)), 0xF1D)
+  features = []
+  for i in range(math.ceil(num / batch)):
+    images = sample_fn(params, state.model_state, jax.random.fold_in(root, i))
+    features.append(extractor(_rgb(images)))
+    logging.info("FID samples: %d / %d", min((i + 1) * batch, num), num)
+  features = np.concatenate(features)[:num]
+  scores = evaluation.fid_kid(features, reference,
+                              kid_subset_size=min(1000, num, reference.stats.count))
+  return {f"eval/{k}": float(v) for k, v in scores.items()}
+
+
+def _write_json_atomic(path: epath.Path, payload: dict[str, Any]) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=os.fspath(path.parent))
+  with os.fdopen(fd, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.fspath(path))
+
+
 def evaluate(config: Any, workdir: str | epath.Path) -> dict[str, float]:
-  """`--mode=eval`: the latest checkpoint's EMA over the whole eval split; writes JSON."""
+  """`--mode=eval`: the latest checkpoint's EMA over the whole eval split (loss and bits/dim
+  along `eval.paths`), and FID / KID when `eval.fid_samples` > 0; writes
+  `<workdir>/eval_step_<step>.json`."""
   from asyncpatch_jax.train import trainer  # the shared preparation; avoids an import cycle
 
   workdir, batch_sharding, setup, state, step = trainer.restore_latest(config, workdir)
-  results = Evaluator(config, setup, batch_sharding, num_batches=0)(state)
+  results: dict[str, Any] = Evaluator(config, setup, batch_sharding, num_batches=0)(state)
+  if int(config.eval.fid_samples) > 0:
+    results.update(sample_quality(config, setup, state, workdir))
   results["step"] = step
+  results["settings"] = {"ema": ema_params_name(config), "elbo_steps": int(config.eval.elbo_steps),
+                         "paths": list(path_names(config.eval)), "split": config.data.eval_split,
+                         "fid_split": config.eval.fid_split,
+                         "fid_samples": int(config.eval.fid_samples),
+                         "sampling": config.sampling.to_dict()}
   logging.info("Evaluation at step %d: %s", step, results)
   if jax.process_index() == 0:
-    (workdir / f"eval_step_{step}.json").write_text(json.dumps(results, indent=2))
+    _write_json_atomic(workdir / f"eval_step_{step}.json", results)
   return results

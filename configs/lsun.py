@@ -1,37 +1,83 @@
-"""LSUN church (outdoor) at 256×256, unconditional, ADM preprocessing (prepare with
-`tfds build lsun/church_outdoor --file_format=array_record`)."""
+"""LSUN scenes at 256×256, unconditional: SD-VAE latents of the official LMDB exports (default)
+or pixels from TFDS.
+
+Arguments (`--config=configs/lsun.py:ARG[,ARG…]`):
+  church | bedroom   the category (default church, i.e. church_outdoor).
+  unet | dit         the paper's U-Net (default) or DiT-L/2 on the 32×32×4 latents.
+  pixel              ADM's 256×256 pixel U-Net on TFDS `lsun/<category>` instead of latents.
+  debug              shrinks any of them to run on a CPU.
+
+Latents need, once (a run without them stops at once and prints these commands): the LMDB
+exports (`git clone https://github.com/fyu/lsun; python download.py -c church_outdoor`, unzip
+into LSUN_DIR), stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors, and the caches
+  python -m asyncpatch_jax.latents.build --source=lsun \
+      --lsun_lmdb=LSUN_DIR/church_outdoor_train_lmdb --image_size=256 --vae_config=sd \
+      --vae_weights=VAE_FILE --out=LATENT_DIR/train
+(and `--lsun_lmdb=LSUN_DIR/church_outdoor_val_lmdb --out=LATENT_DIR/validation`); then train
+with `--config.data.latent_dir=LATENT_DIR --config.vae.weights=VAE_FILE`.
+"""
 
 from configs import base
 
+CATEGORIES = {"church": "church_outdoor", "bedroom": "bedroom"}
+MODELS = ("unet", "dit")
+CHOICES = (*CATEGORIES, *MODELS, "pixel", "debug")
+
 
 def get_config(arg=None):
+  words = base.parse_arg(arg, CHOICES)
+  category = CATEGORIES[base.pick_variant(words, tuple(CATEGORIES))]
+  model_name = base.pick_variant(words, MODELS)
+  if model_name == "dit" and "pixel" in words:
+    raise ValueError("configs/lsun.py: 'dit' runs on latents; drop 'pixel' (or use 'unet')")
   config = base.get_config()
   config.num_steps = 500_000
 
-  config.data.source = "tfds"
-  config.data.tfds_name = "lsun/church_outdoor"
-  config.data.label_key = ""
-  config.data.train_split = "train"
-  config.data.eval_split = "validation"
-  config.data.image_size = 256
-  config.data.channels = 3
-  config.data.crop = "center"                 # ADM's centre crop + resize
-  config.data.random_flip = True
-  config.data.batch_size = 64
-  config.data.worker_count = 4
+  data = config.data
+  data.label_key = ""
+  data.train_split = "train"
+  data.eval_split = "validation"
+  data.image_size = 256
+  data.channels = 3
+  data.crop = "center"                        # ADM's centre crop + resize
+  data.random_flip = True
+  data.batch_size = 64
+  data.worker_count = 4
+  if "pixel" in words:
+    data.source = "tfds"
+    data.tfds_name = f"lsun/{category}"
+    config.diffusion.patch_size = 8           # a 32×32 level map
+  else:
+    data.source = "latents"
+    data.lsun_category = category
+    config.vae.name = "sd"
+    config.sampling.clip_x0 = False           # latents are not bounded to [-1, 1]
+    config.diffusion.patch_size = 2           # a 16×16 level map on 32×32 latents
 
-  config.model.name = "unet"
-  config.model.parametrization = "eps"
-  config.model.num_classes = 0
-  config.model.channels = 128
-  config.model.channel_mult = (1, 1, 2, 2, 4, 4)
-  config.model.num_res_blocks = 2
-  config.model.attention_resolutions = (32, 16, 8)
-  config.model.dropout = 0.1
-
-  config.diffusion.patch_size = 8
+  model = config.model
+  model.name = model_name
+  model.parametrization = "eps"
+  model.num_classes = 0
+  if model_name == "dit":
+    model.dit_size = "L"
+    model.dit_patch = 2
+    model.dropout = 0.0
+  elif "pixel" in words:
+    model.channels = 128
+    model.channel_mult = (1, 1, 2, 2, 4, 4)
+    model.num_res_blocks = 2
+    model.attention_resolutions = (32, 16, 8)
+    model.dropout = 0.1
+  else:
+    model.channels = 224                      # LDM's LSUN-churches latent U-Net width
+    model.channel_mult = (1, 2, 4)
+    model.num_res_blocks = 2
+    model.attention_resolutions = (16, 8)
+    model.num_heads = 8
+    model.norm_groups = 32
+    model.dropout = 0.1
 
   config.optimizer.learning_rate = 1e-4
   config.optimizer.warmup_steps = 5_000
   config.optimizer.ema_decays = (0.9999,)
-  return base.finalize(config, arg)
+  return base.finalize(config, arg, CHOICES)

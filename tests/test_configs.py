@@ -1,5 +1,6 @@
 """configs/: every config loads, locks, validates, and `debug` shrinks it; bad input is refused."""
 
+import json
 import pathlib
 import sys
 
@@ -13,6 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
+from asyncpatch_jax.train import state as state_lib  # noqa: E402
 from asyncpatch_jax.train import validation  # noqa: E402
 from configs import (  # noqa: E402
   base,
@@ -30,16 +32,103 @@ CONFIGS = {"base": base, "mnist": mnist, "digits": digits, "textures": textures,
 DATASETS = [name for name in CONFIGS if name != "base"]
 
 
-@pytest.mark.parametrize("name", DATASETS)
-@pytest.mark.parametrize("arg", [None, "debug"])
-def test_dataset_configs_validate(name, arg):
-  config = CONFIGS[name].get_config(arg)
+# Each config with every argument it accepts (besides 'debug').
+VARIANTS = [(name, None) for name in DATASETS] + [
+    ("imagenet", "unet"), ("imagenet", "pixel64"), ("imagenet", "pixel128"),
+    ("lsun", "bedroom"), ("lsun", "dit"), ("lsun", "pixel"), ("lsun", "bedroom,pixel")]
+
+
+def _with_latents_prepared(config, tmp_path):
+  """Points a latent config at a VAE file and complete (empty) caches of every split it reads,
+  so validation sees a prepared run."""
+  from asyncpatch_jax.latents import cache, prepare
+
+  if config.data.source != "latents":
+    return config
+  if config.vae.weights != prepare.RANDOM_WEIGHTS:
+    config.vae.weights = str(tmp_path / "vae.safetensors")
+    (tmp_path / "vae.safetensors").write_bytes(b"")
+  config.data.latent_dir = str(tmp_path / "latents")
+  for split in prepare.needed_splits(config):
+    directory = tmp_path / "latents" / split
+    directory.mkdir(parents=True)
+    (directory / cache.METADATA).write_text(json.dumps({"format": cache.FORMAT,
+                                                        "complete": True}))
+  return config
+
+
+@pytest.mark.parametrize("name, variant", VARIANTS)
+@pytest.mark.parametrize("debug", [False, True])
+def test_dataset_configs_validate(name, variant, debug, tmp_path):
+  arg = ",".join(w for w in (variant, "debug" if debug else None) if w)
+  config = _with_latents_prepared(CONFIGS[name].get_config(arg), tmp_path)
   validation.validate_config(config)
   assert config.is_locked
-  if arg == "debug":
+  if debug:
     assert config.num_steps <= 10 and config.data.batch_size <= 8
-    assert config.data.image_size <= 16 and config.model.channels <= 16
+    assert config.model.channels <= 16 and config.model.get("dit_hidden_size") in (None, 32)
+    assert max(state_lib.data_shape(config)[:2]) <= 16  # pixels, or the latents of 32² images
     validation.validate_topology(config)  # batch 8 on the 8 test devices
+
+
+@pytest.mark.parametrize("arg, source, model, shape", [
+    (None, "latents", "dit", (32, 32, 4)),
+    ("unet", "latents", "unet", (32, 32, 4)),
+    ("pixel64", "tfds", "unet", (64, 64, 3)),
+    ("pixel128", "tfds", "unet", (128, 128, 3)),
+])
+def test_imagenet_variants(arg, source, model, shape):
+  config = imagenet.get_config(arg)
+  assert (config.data.source, config.model.name, state_lib.data_shape(config)) == (
+      source, model, shape)
+  assert config.data.batch_size == 256 and config.num_steps == 400_000
+  assert config.optimizer.name == "adamw" and config.optimizer.learning_rate == 1e-4
+  assert tuple(config.optimizer.ema_decays) == (0.9999,)
+  assert config.model.num_classes == 1000 and config.model.label_dropout == 0.1
+  assert config.sampling.cfg_scale > 0
+  if source == "latents":
+    assert config.vae.name == "sd" and not config.sampling.clip_x0
+  if model == "dit":
+    assert (config.model.dit_size, config.model.dit_patch) == ("XL", 2)
+
+
+def test_lsun_categories_and_models():
+  church, bedroom = lsun.get_config(), lsun.get_config("bedroom,dit")
+  assert church.data.lsun_category == "church_outdoor" and church.model.name == "unet"
+  assert bedroom.data.lsun_category == "bedroom" and bedroom.model.name == "dit"
+  assert church.model.num_classes == 0 and church.data.source == "latents"
+  assert lsun.get_config("pixel").data.tfds_name == "lsun/church_outdoor"
+
+
+@pytest.mark.parametrize("module, arg, match", [
+    (imagenet, "dit,unet", "exclude each other"),
+    (imagenet, "pixel32", "unknown config argument"),
+    (lsun, "church,bedroom", "exclude each other"),
+    (lsun, "dit,pixel", "'dit' runs on latents"),
+    (mnist, "dit", "unknown config argument"),   # words belong to the config that takes them
+])
+def test_bad_config_arguments(module, arg, match):
+  with pytest.raises(ValueError, match=match):
+    module.get_config(arg)
+
+
+def test_latent_config_checks():
+  config = imagenet.get_config("debug")
+  config.data.latent_dir = "/nonexistent"
+  for field, value, match in [("sampling.clip_x0", True, "clip_x0"),
+                              ("eval.elbo_steps", 4, "elbo_steps"),
+                              ("vae.name", "sdxl", "vae.name"),
+                              ("data.image_size", 36, "VAE's factor 8"),
+                              ("diffusion.patch_size", 3, "the latent size=4")]:
+    bad = config.copy_and_resolve_references()
+    section, _, key = field.rpartition(".")
+    bad[section][key] = value
+    with pytest.raises(validation.ConfigError, match=match):
+      validation.validate_config(bad)
+  bad = imagenet.get_config()
+  bad.vae.weights = "random"
+  with pytest.raises(validation.ConfigError, match="'tiny' debug VAE only"):
+    validation.validate_config(bad)
 
 
 def test_base_config_needs_a_dataset_name():

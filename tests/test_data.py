@@ -200,10 +200,11 @@ def test_reference_images_span_the_split():
   assert len(set(labels.tolist())) > 3
 
 
-@pytest.mark.parametrize("config_module", [cifar10, imagenet, lsun, celeba_hq],
-                         ids=["cifar10", "imagenet2012", "lsun", "celeba_hq"])
-def test_tfds_pipelines_on_mock_data(config_module, tfds_tmp):
-  config = config_module.get_config("debug")
+@pytest.mark.parametrize("config_module, arg", [  # imagenet / lsun: their pixel-space variants
+    (cifar10, "debug"), (imagenet, "pixel128,debug"), (lsun, "pixel,debug"),
+    (celeba_hq, "debug")], ids=["cifar10", "imagenet2012", "lsun", "celeba_hq"])
+def test_tfds_pipelines_on_mock_data(config_module, arg, tfds_tmp):
+  config = config_module.get_config(arg)
   with tfds.testing.mock_data(num_examples=24):
     pipe = data_lib.create_train_pipeline(config.data, _one_device_sharding())
     batch = next(pipe)

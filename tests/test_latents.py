@@ -104,7 +104,7 @@ def test_cache_holds_the_direct_encoding(built, vae):
   preprocess = cache_lib.LatentPreprocess(source.scaling_factor)
   ds = grain.MapDataset.source(source).map(preprocess).batch(5)
   first = ds[0]
-  assert first["latent"].shape == (5, 2, 2, 4) and first["latent"].dtype == np.float32
+  assert first["image"].shape == (5, 2, 2, 4) and first["image"].dtype == np.float32
   np.testing.assert_array_equal(first["label"], images.labels[:5])
 
 
@@ -180,20 +180,20 @@ def test_latent_preprocess():
             "logvar": np.full((2, 2, 2, 4), np.log(0.25), np.float32), "label": 2}
   pre = cache_lib.LatentPreprocess(0.5)
   evaluation = pre(record)
-  np.testing.assert_allclose(evaluation["latent"], 0.5 * record["mean"][0])
+  np.testing.assert_allclose(evaluation["image"], 0.5 * record["mean"][0])
   assert evaluation["label"] == 2
   a, b = pre(record, flip_key=(0, 7)), pre(record, flip_key=(0, 7))
-  np.testing.assert_array_equal(a["latent"], b["latent"])  # a function of the stream position
+  np.testing.assert_array_equal(a["image"], b["image"])  # a function of the stream position
   views, residuals = [], []
   for g in range(400):
-    z = pre(record, flip_key=(0, g))["latent"] / 0.5
+    z = pre(record, flip_key=(0, g))["image"] / 0.5
     view = int(np.abs(z - record["mean"][1]).sum() < np.abs(z - record["mean"][0]).sum())
     views.append(view)
     residuals.append(z - record["mean"][view])
   assert 0.4 < np.mean(views) < 0.6
   assert abs(np.std(residuals) - 0.5) < 0.02  # z ~ N(mean, exp(logvar)) = N(mean, 0.5²)
   fixed = cache_lib.LatentPreprocess(0.5, random_flip=False, sample=False)
-  np.testing.assert_allclose(fixed(record, flip_key=(0, 3))["latent"], 0.5 * record["mean"][0])
+  np.testing.assert_allclose(fixed(record, flip_key=(0, 3))["image"], 0.5 * record["mean"][0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,10 +83,11 @@ def _leaves_equal(a, b):
              for x, y in zip(la, lb))
 
 
-@pytest.mark.parametrize("config_module", [cifar10, imagenet, lsun, celeba_hq],
-                         ids=["cifar10", "imagenet2012", "lsun", "celeba_hq"])
-def test_tfds_debug_config_takes_a_real_step(config_module, tfds_tmp):
-  config = config_module.get_config("debug")
+@pytest.mark.parametrize("config_module, arg", [  # imagenet / lsun: their pixel-space variants
+    (cifar10, "debug"), (imagenet, "pixel128,debug"), (lsun, "pixel,debug"),
+    (celeba_hq, "debug")], ids=["cifar10", "imagenet2012", "lsun", "celeba_hq"])
+def test_tfds_debug_config_takes_a_real_step(config_module, arg, tfds_tmp):
+  config = config_module.get_config(arg)
   config.optimizer.warmup_steps = 0
   config.mesh.data, config.mesh.fsdp = 1, 1
   if config_module is cifar10:  # also run the gradient-accumulation path (2 microbatches of 4)

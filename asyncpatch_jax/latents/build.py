@@ -17,12 +17,10 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
 
-from asyncpatch_jax.autoencoder.vae import VAEConfig
-from asyncpatch_jax.autoencoder.weights import load_vae
 from asyncpatch_jax.latents.cache import build_latent_cache
+from asyncpatch_jax.latents.prepare import load_named_vae
 
 _SOURCE = flags.DEFINE_enum("source", "tfds", ["tfds", "lsun"], "Where the images come from.")
 _TFDS_NAME = flags.DEFINE_string("tfds_name", "imagenet2012", "TFDS data set (ArrayRecord).")
@@ -33,7 +31,10 @@ _LSUN_LMDB = flags.DEFINE_string("lsun_lmdb", "", "LSUN export directory (holds 
 _LSUN_SMALL = flags.DEFINE_enum("lsun_small_images", "error", ["error", "skip"],
                                 "LSUN images smaller than the crop: fail, or drop them.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Crop size (ADM centre crop + resize).")
-_VAE_WEIGHTS = flags.DEFINE_string("vae_weights", None, "SD VAE safetensors file.")
+_VAE_WEIGHTS = flags.DEFINE_string("vae_weights", None, "SD VAE safetensors file ('random': "
+                                   "seeded random weights, --vae_config=tiny only).")
+_VAE_CONFIG = flags.DEFINE_enum("vae_config", "sd", ["sd", "tiny"],
+                                "VAE architecture: 'sd' (SD-VAE) or 'tiny' (debug runs).")
 _VAE_DTYPE = flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16"],
                                "The VAE's computation dtype.")
 _OUT = flags.DEFINE_string("out", None, "Cache directory (one split).")
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> None:
     tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass
-  vae = load_vae(_VAE_WEIGHTS.value, VAEConfig(), dtype=jnp.dtype(_VAE_DTYPE.value))
+  vae = load_named_vae(_VAE_WEIGHTS.value, _VAE_CONFIG.value, dtype=_VAE_DTYPE.value)
   source, name = make_source(
       _SOURCE.value, image_size=_IMAGE_SIZE.value, tfds_name=_TFDS_NAME.value,
       split=_SPLIT.value, tfds_data_dir=_TFDS_DATA_DIR.value, label_key=_LABEL_KEY.value,
@@ -86,7 +87,8 @@ def main(argv: list[str]) -> None:
   build_latent_cache(source, vae, _OUT.value, image_size=_IMAGE_SIZE.value,
                      batch_size=_BATCH_SIZE.value, shard_size=_SHARD_SIZE.value,
                      storage_dtype=_STORAGE_DTYPE.value, source_name=name,
-                     weights_file=_VAE_WEIGHTS.value, num_threads=_THREADS.value,
+                     weights_file=None if _VAE_WEIGHTS.value == "random" else _VAE_WEIGHTS.value,
+                     num_threads=_THREADS.value,
                      log=logging.info)
 
 

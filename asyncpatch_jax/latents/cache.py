@@ -386,7 +386,10 @@ class LatentCacheSource:
 
 
 class LatentPreprocess:
-  """Cache record → `{'latent': float32 [h, w, c] scaled, 'label': int32}`; picklable.
+  """Cache record → `{'image': float32 [h, w, c] scaled latent, 'label': int32}`; picklable.
+
+  The key is the pipeline's `'image'` (the diffusion model's data x0, whatever space it lives
+  in), so the training step reads latent and pixel batches alike.
 
   With `flip_key` (the stream position, as `data.Preprocess` takes it): a random view when
   `random_flip`, and z drawn from the posterior when `sample`, both from one numpy generator
@@ -411,5 +414,5 @@ class LatentPreprocess:
         z = mean[view] + np.exp(0.5 * logvar[view]) * noise
     if z is None:
       z = mean[view]
-    return {"latent": np.asarray(z * self.scaling_factor, np.float32),
+    return {"image": np.asarray(z * self.scaling_factor, np.float32),
             "label": np.int32(record.get("label", 0))}

@@ -74,6 +74,12 @@ def make_schedule(diffusion_config: Any) -> diffusion.Schedule:
 
 
 def data_shape(config: Any) -> tuple[int, int, int]:
+  """The shape of one example the network sees: the image, or its VAE latent (`[H/8, W/8, 4]`
+  for the SD VAE) when `config.data.source == 'latents'`."""
+  if config.data.source == "latents":
+    from asyncpatch_jax.autoencoder import vae_config
+
+    return vae_config(config.vae.name).latent_shape(int(config.data.image_size))
   return (int(config.data.image_size), int(config.data.image_size), int(config.data.channels))
 
 

@@ -15,11 +15,14 @@ import jax
 from etils import epath
 
 from asyncpatch_jax import diffusion
+from asyncpatch_jax.autoencoder import VAE_CONFIGS
 from asyncpatch_jax.data import sources
 from asyncpatch_jax.diffusion import level_samplers
+from asyncpatch_jax.latents import prepare
 from asyncpatch_jax.sampling import masks
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
+from asyncpatch_jax.train import state as state_lib
 
 REQUIRED_SECTIONS = ("model", "diffusion", "data", "optimizer", "mesh", "checkpoint", "logging",
                      "eval", "sampling")
@@ -43,8 +46,8 @@ def validate_config(config: Any) -> None:
            f"train_minutes must be >= 0 (0 = run num_steps), got {config.train_minutes}")
 
   data = config.data
-  _require(data.source in (*sources.BUNDLED, "tfds"),
-           f"data.source must be one of {(*sources.BUNDLED, 'tfds')}, got {data.source!r}")
+  _require(data.source in sources.SOURCES,
+           f"data.source must be one of {sources.SOURCES}, got {data.source!r}")
   _require(data.source != "tfds" or bool(data.tfds_name),
            "data.source='tfds' needs data.tfds_name (e.g. 'cifar10')")
   _require(int(data.image_size) > 0, f"data.image_size must be positive, got {data.image_size}")
@@ -63,9 +66,12 @@ def validate_config(config: Any) -> None:
   except ValueError as e:
     raise ConfigError(f"config.diffusion: {e}") from e
   patch = int(diff.patch_size)
-  _require(patch >= 1 and int(data.image_size) % patch == 0,
-           f"diffusion.patch_size={diff.patch_size} must divide data.image_size="
-           f"{data.image_size}")
+  if data.source == "latents":
+    _validate_latents(config)  # before the patch check, which needs the latent size
+  size = state_lib.data_shape(config)[0]
+  what = "the latent size" if data.source == "latents" else "data.image_size"
+  _require(patch >= 1 and size % patch == 0,
+           f"diffusion.patch_size={diff.patch_size} must divide {what}={size}")
   _require(not diff.weighting or diff.weighting in diffusion.WEIGHTINGS,
            f"diffusion.weighting must be '' or one of {diffusion.WEIGHTINGS}, got "
            f"{diff.weighting!r}")
@@ -117,6 +123,34 @@ def validate_config(config: Any) -> None:
   _require(int(config.logging.log_every_steps) > 0, "logging.log_every_steps must be positive")
   for rule in config.mesh.rules:
     _require(len(rule) == 2, f"mesh.rules entries are (regex, spec) pairs, got {rule!r}")
+  if data.source == "latents":  # last: the files, once every value is known to be right
+    missing = prepare.missing_preparation(config)
+    _require(missing is None, str(missing))
+
+
+def _validate_latents(config: Any) -> None:
+  """A latent-diffusion run: its VAE fields, and the sampler and evaluation settings that
+  assume pixels."""
+  _require("vae" in config, "data.source='latents' needs the config.vae section (configs/base.py)")
+  vae, data = config.vae, config.data
+  _require(vae.name in VAE_CONFIGS,
+           f"vae.name must be one of {sorted(VAE_CONFIGS)}, got {vae.name!r}")
+  _require(vae.weights != prepare.RANDOM_WEIGHTS or vae.name == "tiny",
+           "vae.weights='random' is for the 'tiny' debug VAE only; pass the SD VAE's "
+           "safetensors file")
+  _require(float(vae.scaling_factor) > 0, "vae.scaling_factor must be positive")
+  factor = VAE_CONFIGS[vae.name].downsample_factor
+  _require(int(data.image_size) % factor == 0,
+           f"data.image_size={data.image_size} must be a multiple of the VAE's factor {factor}")
+  _require(not config.sampling.clip_x0,
+           "sampling.clip_x0 clips x̂0 to the pixel range [-1, 1]; scaled latents are not "
+           "bounded there: set sampling.clip_x0=False for data.source='latents'")
+  _require(int(config.eval.elbo_steps) == 0,
+           "eval.elbo_steps (bits/dim with the 8-bit pixel decoder) is undefined on latents; "
+           "set it to 0 for data.source='latents'")
+  _require(int(config.eval.get("fid_samples", 0)) == 0,
+           "eval.fid_samples: FID of a latent run needs decoded samples, which evaluation does "
+           "not do; set it to 0 for data.source='latents'")
 
 
 def validate_topology(config: Any, devices: list[jax.Device] | None = None) -> tuple[int, int]:

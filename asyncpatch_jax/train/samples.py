@@ -3,10 +3,16 @@
 Samples come from an EMA of the parameters with the configured sampler. The inpainting grid uses
 fixed held-out images and the `sampling.inpaint_mask` family (`sampling.masks.MASKS`, True =
 known): rows of (known context, completion, original), so grids of different steps compare.
+
+Latent runs (`data.source='latents'`) sample latents and decode them with the run's VAE
+(`make_decoder`). Their inpainting works in latent space: the known context is the eval cache's
+encoded images and the mask lives on the latent token grid (one token = patch·8 pixels for the
+SD VAE); the grid shows decoded latents, so its "original" row is the VAE's reconstruction.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -34,6 +41,39 @@ def clip_x0(denoiser: Any) -> Any:
   return clipped
 
 
+def make_decoder(config: Any) -> Callable[[Any], np.ndarray] | None:
+  """For a latent run, `scaled latents [N, h, w, c] -> images [N, H, W, 3]` in [-1, 1]; else None.
+
+  The VAE is `config.vae`'s (its weights file, or seeded random weights for the tiny debug VAE)
+  and must be the one that encoded the training cache: a different one is a
+  `LatentCacheMismatchError` here, before anything is compiled. Decodes
+  `config.vae.decode_batch_size` latents at a time (the decoder's activations at 256² are large).
+  """
+  if config.data.source != "latents":
+    return None
+  from asyncpatch_jax.latents import cache, prepare
+
+  vae = prepare.load_run_vae(config)
+  train_cache = prepare.cache_dir(config.data, config.data.train_split)
+  cache.check_metadata(cache.read_metadata(train_cache), vae=vae,
+                       image_size=int(config.data.image_size), where=repr(train_cache))
+  graphdef, params = nnx.split(vae)
+  decode = jax.jit(lambda params, z: jnp.clip(
+      nnx.merge(graphdef, params).decode_scaled(z), -1.0, 1.0))
+  chunk = int(config.vae.decode_batch_size)
+
+  def decoder(latents: Any) -> np.ndarray:
+    latents = np.asarray(latents, np.float32)
+    out = []
+    for start in range(0, len(latents), chunk):
+      part = latents[start:start + chunk]
+      padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)])  # one shape
+      out.append(np.asarray(decode(params, padded))[:len(part)])
+    return np.concatenate(out)
+
+  return decoder
+
+
 def _class_labels(n: int, num_classes: int) -> jax.Array | None:
   return jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
 
@@ -49,6 +89,7 @@ def make_sample_fn(config: Any, setup: state_lib.StateSetup, num: int, *, inpain
   num_classes = int(config.model.num_classes)
   scfg = config.sampling
   x_shape = (num, *state_lib.data_shape(config))
+  latents = config.data.source == "latents"
 
   def run(params, model_state, key, known=None, mask=None, labels=None):
     model = setup.model_def.merge(params, model_state)
@@ -66,7 +107,8 @@ def make_sample_fn(config: Any, setup: state_lib.StateSetup, num: int, *, inpain
     out, _ = sampling.sample(denoiser, key, x_shape, schedule=schedule,
                              strategy=scfg.strategy, num_steps=int(scfg.num_steps),
                              patch_size=patch, stochastic=bool(scfg.stochastic), **kwargs)
-    return jnp.clip(out, -1.0, 1.0)
+    # Images live in [-1, 1]; latents are decoded by `make_decoder`.
+    return out if latents else jnp.clip(out, -1.0, 1.0)
 
   replicated = NamedSharding(setup.mesh, P())
   return jax.jit(run, out_shardings=replicated)
@@ -84,32 +126,36 @@ class SampleWriter:
     n = int(config.sampling.num_samples)
     self.num_inpaint = int(config.sampling.num_inpaint)
     self._known = None
+    self._decode = make_decoder(config)  # latent runs: load the VAE first (a missing file)
     if self.num_inpaint > 0:  # host-side set-up first: a bad split fails before any jit
       grid = diffusion.token_grid((1, *state_lib.data_shape(config)),
                                   int(config.diffusion.patch_size))[1:]
       self._mask = sampling.masks.make_mask(config.sampling.inpaint_mask, self.num_inpaint,
                                             grid, seed=int(config.seed))
       images, self._labels = data_lib.reference_images(config.data, self.num_inpaint)
-      self._known = images.astype(np.float32) * (2.0 / 255.0) - 1.0
+      self._known = (images.astype(np.float32) * (2.0 / 255.0) - 1.0 if images.dtype == np.uint8
+                     else images.astype(np.float32))  # latents are the model's data already
     self._sample = make_sample_fn(config, setup, n, inpaint=False)
     self._inpaint = (make_sample_fn(config, setup, self.num_inpaint, inpaint=True)
                      if self.num_inpaint > 0 else None)
     self._root = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5A31E)
 
   def __call__(self, state: state_lib.TrainState, step: int) -> dict[str, np.ndarray]:
-    """Samples at `step`; returns the arrays in [-1, 1] (for tests and notebooks)."""
+    """Samples at `step`; returns the images in [-1, 1] (for tests and notebooks)."""
     params = state.ema[self.ema]
     key = jax.random.fold_in(self._root, step)
-    out = {"samples": np.asarray(self._sample(params, state.model_state, key))}
+    pixels = self._decode or np.asarray
+    out = {"samples": pixels(self._sample(params, state.model_state, key))}
     classes = int(self.config.model.num_classes)
     nrow = {"samples": classes if 0 < classes <= 16 else None}  # a column per class
     if self._inpaint is not None:
       done = np.asarray(self._inpaint(params, state.model_state, jax.random.fold_in(key, 1),
                                       jnp.asarray(self._known), jnp.asarray(self._mask),
                                       jnp.asarray(self._labels)))
-      context = visualize.masked_images(self._known, self._mask)
+      original = pixels(self._known)
+      context = visualize.masked_images(original, self._mask)
       # Rows: the known context (unknown tokens grey), the completion, the original.
-      out["inpaint"] = np.concatenate([context, done, self._known], axis=0)
+      out["inpaint"] = np.concatenate([context, pixels(done), original], axis=0)
       nrow["inpaint"] = self.num_inpaint
     if jax.process_index() == 0:
       for name, images in out.items():

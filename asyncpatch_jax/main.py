@@ -4,6 +4,8 @@ r"""The command line: train, sample from, or evaluate an AsyncPatch Diffusion mo
   python -m asyncpatch_jax.main --config=configs/cifar10.py:debug --workdir=/tmp/c10 \
       --config.optimizer.learning_rate=1e-4
   python -m asyncpatch_jax.main --config=configs/mnist.py --workdir=workdirs/mnist --mode=sample
+  python -m asyncpatch_jax.main --config=configs/mnist.py --workdir=workdirs/mnist --mode=inpaint \
+      --config.sampling.image=digit.png --config.sampling.mask=mask.png
 
 Multi-host: run the same command on every host. On TPU pods, SLURM and other clusters that JAX
 detects, `jax.distributed` initialises itself; elsewhere pass --coordinator_address,
@@ -22,8 +24,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run configuration: configs/NAME.py, optionally with :debug.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
-                          "train (resumes from the workdir), sample or eval (latest checkpoint).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "inpaint", "eval"],
+                          "train (resumes from the workdir); sample or inpaint (sampling.image, "
+                          "sampling.mask) from checkpoint sampling.checkpoint_step (0 = the "
+                          "latest); eval (the latest checkpoint).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for jax.distributed on clusters "
                                    "JAX does not detect by itself.")
@@ -88,6 +92,9 @@ def main(argv: list[str]) -> None:
   elif _MODE.value == "sample":
     from asyncpatch_jax.train import sample_cli
     sample_cli.sample_from_checkpoint(config, _WORKDIR.value)
+  elif _MODE.value == "inpaint":
+    from asyncpatch_jax.train import sample_cli
+    sample_cli.inpaint_from_checkpoint(config, _WORKDIR.value)
   else:
     from asyncpatch_jax.train import evaluate
     evaluate.evaluate(config, _WORKDIR.value)

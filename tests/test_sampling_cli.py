@@ -1,12 +1,17 @@
-"""`write_outputs`: what a sampling run leaves behind, written atomically."""
+"""`write_outputs` (what a sampling run leaves behind, written atomically) and the sampling
+command line: --mode=sample / inpaint on a two-step checkpoint, `restore_model`, the config check,
+bad input, traced guidance weights."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
+import pathlib
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -70,3 +75,267 @@ def test_a_failure_leaves_no_partial_files(tmp_path, monkeypatch):
     write_outputs(np.zeros((1, 4, 4, 1)), {"nfe": 1}, {}, tmp_path)
   assert (tmp_path / "samples.npz").read_bytes() == b"previous run"
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+# --- main.py --mode=sample / --mode=inpaint on a tiny trained checkpoint ---------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+
+def _config(**sampling):
+  from configs import digits
+
+  config = digits.get_config("debug")  # 8×8×1, class-conditional U-Net of 16 channels
+  config.num_steps = 2
+  config.checkpoint.every_steps = 1
+  config.checkpoint.async_save = False
+  config.sampling.num_inpaint = 0
+  config.sampling.num_samples = 2
+  for key, value in sampling.items():
+    config.sampling[key] = value
+  return config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Equal sampling programs (same batch, strategy and steps) are compiled once per module."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = [getattr(jax.config, name) for name in names]
+  for name, value in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)):
+    jax.config.update(name, value)
+  yield
+  for name, value in zip(names, old):
+    jax.config.update(name, value)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A run's directory with checkpoints at steps 1 and 2, saved as the trainer saves them (no
+  training: initial parameters, the raw ones moved off the EMA so the two differ)."""
+  from asyncpatch_jax.train import checkpoint as ckpt_lib
+  from asyncpatch_jax.train import mesh as mesh_lib
+  from asyncpatch_jax.train import optimizer as opt_lib
+  from asyncpatch_jax.train import state as state_lib
+  from asyncpatch_jax.train import trainer
+
+  path = tmp_path_factory.mktemp("run")
+  config = _config()
+  setup = state_lib.setup_state(config, mesh_lib.make_mesh(config.mesh),
+                                opt_lib.make_optimizer(config.optimizer, config.num_steps))
+  state = setup.init(config)
+  trainer.write_config(config, path)
+  checkpointer = ckpt_lib.Checkpointer(path / "checkpoints", config.checkpoint)
+  for step in (1, 2):
+    state = state.replace(step=jnp.int32(step),
+                          params=jax.tree.map(lambda p, s=step: p + 0.01 * s, state.params))
+    checkpointer.save(step, state, None, config)
+  checkpointer.close()
+  return path
+
+
+def _files(folder):
+  return sorted(os.listdir(folder))
+
+
+def test_sample_mode_writes_a_fresh_folder_in_batches(workdir, tmp_path):
+  from asyncpatch_jax.train import sample_cli
+
+  config = _config(num_samples=5, batch_size=2, num_steps=3, output_dir=str(tmp_path))
+  first = sample_cli.sample_from_checkpoint(config, workdir)
+  second = sample_cli.sample_from_checkpoint(config, workdir)
+  assert first["folder"] != second["folder"] and first["step"] == 2
+  assert _files(tmp_path) == sorted([first["folder"].name, second["folder"].name])
+  assert _files(first["folder"]) == ["samples.npz", "samples.png", "settings.json"]
+  record = json.loads((first["folder"] / "settings.json").read_text())
+  assert record["nfe"] == 3 and record["nfe_per_batch"] == [3, 3, 3]  # uniform: num_steps
+  assert record["checkpoint_step"] == 2 and record["num_batches"] == 3
+  assert record["sampling"]["num_steps"] == 3 and record["config"]["data"]["source"] == "digits"
+  assert record["ema"] == "0p999"
+  with np.load(first["folder"] / "samples.npz") as data:
+    assert data["samples"].shape == (5, 8, 8, 1)
+    np.testing.assert_array_equal(data["samples"], first["samples"])
+    np.testing.assert_array_equal(data["nfe_per_example"], [3] * 5)
+  assert np.all(np.abs(first["samples"]) <= 1) and len(np.unique(first["samples"][:, 0, 0])) > 1
+  np.testing.assert_array_equal(first["samples"], second["samples"])  # seeded
+
+
+def test_named_step_and_level_gif_for_autoregressive(workdir, tmp_path):
+  from asyncpatch_jax.sampling import make_plan
+  from asyncpatch_jax.train import sample_cli
+
+  config = _config(checkpoint_step=1, strategy="autoregressive", num_steps=8,
+                   strategy_options="group_shape=4,overlap=0.0", output_dir=str(tmp_path))
+  out = sample_cli.sample_from_checkpoint(config, workdir)
+  assert out["step"] == 1 and "step00000001_autoregressive" in out["folder"].name
+  plan = make_plan("autoregressive", (8, 8), 8, schedule="cosine", group_shape=4, overlap=0.0)
+  record = json.loads((out["folder"] / "settings.json").read_text())
+  assert record["nfe"] == plan.max_steps == 8 and record["checkpoint_step"] == 1
+  assert record["strategy_options_parsed"] == {"group_shape": 4, "overlap": 0.0}
+  with Image.open(out["folder"] / "levels.gif") as im:
+    assert im.n_frames == 9
+  config.sampling.checkpoint_step = 7
+  with pytest.raises(FileNotFoundError, match=r"step 7 .*saved steps are \[1, 2\]"):
+    sample_cli.sample_from_checkpoint(config, workdir)
+
+
+def _write_png(path, array):
+  Image.fromarray(np.asarray(array, np.uint8)).save(path)
+  return str(path)
+
+
+@pytest.fixture
+def digit_files(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i, image in enumerate(images):
+    _write_png(folder / f"{i}.png", image)
+  mask = np.zeros((8, 8), np.uint8)
+  mask[:, :5] = 255  # white = known: the left 5 columns
+  return images, str(folder), _write_png(tmp_path / "mask.png", mask)
+
+
+def test_inpaint_mode_keeps_known_pixels_bit_exact(workdir, tmp_path, digit_files):
+  from asyncpatch_jax.train import sample_cli
+
+  images, folder, mask_png = digit_files
+  config = _config(image=folder, mask=mask_png, batch_size=2, num_steps=3,
+                   output_dir=str(tmp_path / "out"))
+  out = sample_cli.inpaint_from_checkpoint(config, workdir)
+  assert _files(out["folder"]) == ["inputs.png", "samples.npz", "samples.png", "settings.json"]
+  known = images[..., None].astype(np.float32) * (2.0 / 255.0) - 1.0
+  with np.load(out["folder"] / "samples.npz") as data:
+    samples, saved_known, mask = data["samples"], data["known"], data["known_mask"]
+  np.testing.assert_array_equal(saved_known, known)
+  assert mask.shape == (3, 8, 8) and mask[:, :, :5].all() and not mask[:, :, 5:].any()
+  np.testing.assert_array_equal(samples[:, :, :5], known[:, :, :5])  # bit-exact in [-1, 1]
+  assert not np.array_equal(samples[:, :, 5:], known[:, :, 5:])
+  record = json.loads((out["folder"] / "settings.json").read_text())
+  assert record["nfe"] == 3 and record["mode"] == "inpaint" and len(record["images"]) == 3
+  assert record["known_fraction"] == pytest.approx(5 / 8)
+
+
+def test_inpaint_everything_known_returns_the_images_and_nothing_known_is_an_error(
+    workdir, tmp_path, digit_files):
+  from asyncpatch_jax.train import sample_cli
+
+  images, folder, _ = digit_files
+  white = _write_png(tmp_path / "white.png", np.full((8, 8), 255))
+  config = _config(image=folder, mask=white, batch_size=2, num_steps=3,
+                   output_dir=str(tmp_path / "out"))
+  out = sample_cli.inpaint_from_checkpoint(config, workdir)
+  np.testing.assert_array_equal(out["samples"][..., 0],
+                                images.astype(np.float32) * (2.0 / 255.0) - 1.0)
+  assert out["info"]["nfe"] == 0
+  config.sampling.mask_invert = True  # white = hole: nothing known
+  with pytest.raises(ValueError, match="marks nothing as known"):
+    sample_cli.inpaint_from_checkpoint(config, workdir)
+
+
+def test_inpaint_bad_inputs_are_clear_errors(tmp_path, digit_files):
+  from asyncpatch_jax.train import sample_cli
+
+  _, folder, mask_png = digit_files
+  # All of these fail before the checkpoint is read (the workdir does not exist).
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  cases = [
+      (dict(image=folder, mask=_write_png(bad / "m.png", np.full((5, 5), 255))),
+       r"5×5, but the model needs the token grid \(8, 8\)"),
+      (dict(image=_write_png(bad / "rgb.png", np.zeros((8, 8, 3))), mask=mask_png),
+       "colour image .* takes 1 channel"),
+      (dict(image=_write_png(bad / "big.png", np.zeros((16, 16))), mask=mask_png),
+       "16×16 but the model takes 8×8"),
+      (dict(image=str(tmp_path / "none*.png"), mask=mask_png), "names no PNG"),
+      (dict(image=folder, mask="no_such_mask"), "neither a mask image file nor a mask name"),
+  ]
+  for fields, message in cases:
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+      sample_cli.inpaint_from_checkpoint(_config(**fields), tmp_path / "missing")
+  assert not (tmp_path / "missing").exists()
+
+
+def test_missing_checkpoint_and_different_model_config_are_clear_errors(workdir, tmp_path):
+  from asyncpatch_jax.train import sample_cli
+
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*train first"):
+    sample_cli.sample_from_checkpoint(_config(), tmp_path / "empty")
+  assert not (tmp_path / "empty").exists()
+  config = _config(output_dir=str(tmp_path))
+  config.model.channels = 32
+  config.diffusion.patch_size = 2
+  with pytest.raises(ValueError, match=r"different model config \(diffusion.patch_size: 1 in "
+                     r"the checkpoint, 2 now; model.channels: 16 in the checkpoint, 32 now\)"):
+    sample_cli.sample_from_checkpoint(config, workdir)
+  assert _files(tmp_path) == []
+
+
+def test_restore_model_gives_the_ema_network(workdir):
+  from asyncpatch_jax.train import restore
+
+  model, step = restore.restore_model(_config(), workdir)
+  raw, _ = restore.restore_model(_config(), workdir, ema="params")
+  assert step == 2
+  z, t = np.zeros((2, 8, 8, 1), np.float32), np.full((2,), 0.5, np.float32)
+  labels = np.array([0, 1], np.int32)
+  out = np.asarray(model(z, t, labels, deterministic=True).output)
+  assert out.shape == (2, 8, 8, 1) and np.isfinite(out).all()
+  assert not np.allclose(out, np.asarray(raw(z, t, labels, deterministic=True).output))
+  with pytest.raises(ValueError, match=r"no EMA 'x' .*\['0p999'\]"):
+    restore.restore_model(_config(), workdir, ema="x")
+
+
+def test_config_differences_ignore_sampling_and_training_only_fields():
+  from asyncpatch_jax.train import restore
+
+  saved = json.loads(_config().to_json_best_effort())
+  config = _config(num_steps=9, strategy="adaptive")
+  config.model.dropout, config.model.level_slots = 0.3, 0
+  config.optimizer.learning_rate, config.optimizer.grad_clip_norm = 1.0, 0.5
+  config.data.batch_size = 64
+  assert restore.config_differences(saved, config) == {}
+  config.optimizer.grad_clip_norm = 0.0  # clipping off changes the optimizer state's tree
+  config.model.parametrization = "v"
+  assert set(restore.config_differences(saved, config)) == {"optimizer.grad_clip_norm",
+                                                            "model.parametrization"}
+  del saved["model"]["parametrization"]  # a checkpoint older than a field: not compared
+  assert set(restore.config_differences(saved, config)) == {"optimizer.grad_clip_norm"}
+
+
+def test_parse_options():
+  from asyncpatch_jax.sampling.cli import parse_options
+
+  assert parse_options("") == {}
+  assert parse_options("rule=quantile, speedup=3,quantile=0.25,x=True") == {
+      "rule": "quantile", "speedup": 3, "quantile": 0.25, "x": True}
+  with pytest.raises(ValueError, match="'name=value' pairs"):
+    parse_options("speedup")
+
+
+def test_traced_input_guidance_compiles_once_and_zero_equals_no_guidance():
+  known = np.random.default_rng(1).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
+  mask = masks.half(4, (4, 4))
+  # Each token's x̂0 reads the whole image, so re-noising the context changes it.
+  denoiser = lambda z, t: Prediction(0.5 * z + 0.3 * jnp.mean(z, axis=(1, 2), keepdims=True),
+                                     0.1 + 0.0 * z)
+
+  def run(omega):
+    return sample(denoiser, jax.random.key(0), (4, 8, 8, 3), schedule=get_schedule("cosine"),
+                  num_steps=4, patch_size=2, known=known, known_mask=mask,
+                  input_guidance=omega)
+
+  traced = jax.jit(run)
+  a, info_a = traced(jnp.float32(0.0))
+  b, info_b = traced(jnp.float32(2.0))
+  assert traced._cache_size() == 1
+  assert int(info_a["nfe"]) == int(info_b["nfe"]) == 8  # the guided branch: 2 calls a step
+  plain, info = jax.jit(functools.partial(run, 0.0))()
+  assert int(info["nfe"]) == 4
+  np.testing.assert_allclose(np.asarray(a), np.asarray(plain), atol=1e-6)
+  assert not np.allclose(np.asarray(b), np.asarray(plain))
+  with pytest.raises(ValueError, match=">= 0"):
+    run(np.float32(-1.0))

@@ -1,22 +1,90 @@
-"""What a sampling run leaves in its output folder, for `main.py --mode=sample`.
+"""What a sampling run reads and leaves behind, for `main.py --mode=sample` and `--mode=inpaint`.
 
 `write_outputs` writes `samples.png` (a grid, for 2-D images with 1 or 3 channels),
-`inputs.png` (the masked input, when inpainting), `samples.npz`, `settings.json` (every setting
-plus the NFE) and `levels.gif` (when the run recorded its level maps). Every file is written to
-a temporary name in the same folder and renamed into place, so a crash leaves either the
-previous file or the new one, never half of one.
+`inputs.png` (the masked input, when inpainting), `samples.npz` (with `known` and `known_mask`
+when inpainting), `settings.json` (every setting plus the NFE) and `levels.gif` (when the run
+recorded its level maps). Every file is written to a temporary name in the same folder and
+renamed into place, so a crash leaves either the previous file or the new one, never half of
+one. `load_images` reads the inpainting inputs, `parse_options` the strategy's keywords.
 """
 
 from __future__ import annotations
 
+import ast
+import glob
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from asyncpatch_jax import visualize
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def parse_options(text: str) -> dict[str, Any]:
+  """'rule=quantile,speedup=3' → {'rule': 'quantile', 'speedup': 3} (numbers, True / False and
+  None are read as Python literals, anything else stays a string); '' → {}."""
+  options: dict[str, Any] = {}
+  for item in (text or "").split(","):
+    if not item.strip():
+      continue
+    key, sep, value = item.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not key.isidentifier():
+      raise ValueError(f"strategy options must be 'name=value' pairs separated by commas, got "
+                       f"{item.strip()!r} in {text!r}")
+    try:
+      options[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      options[key] = value
+  return options
+
+
+def image_paths(spec: str) -> list[str]:
+  """The image files named by `spec`: one file, a folder (its PNG / JPEG files) or a glob;
+  sorted."""
+  if not spec:
+    raise ValueError("no input image: set sampling.image to a PNG / JPEG file, a folder or a glob")
+  if os.path.isdir(spec):
+    paths = [os.path.join(spec, f) for f in os.listdir(spec)]
+  elif os.path.isfile(spec):
+    paths = [spec]
+  else:
+    paths = glob.glob(spec)
+  paths = sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(IMAGE_SUFFIXES))
+  if not paths:
+    raise FileNotFoundError(f"sampling.image={spec!r} names no PNG / JPEG file (a file, a folder "
+                            f"or a glob such as 'photos/*.png')")
+  return paths
+
+
+def load_images(paths: Sequence[str], shape: Sequence[int]) -> np.ndarray:
+  """Images `[N, H, W, C]` in [−1, 1] (x / 127.5 − 1, as training saw them), each checked
+  against the model's data shape `(H, W, C)`: a different size or channel count is an error
+  (grayscale for C = 1; RGB, alpha dropped, for C = 3)."""
+  height, width, channels = (int(d) for d in shape)
+  out = []
+  for path in paths:
+    with Image.open(path) as image:
+      mode = image.mode
+      if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+      colour = image.mode not in ("1", "L", "LA", "I", "I;16", "F")
+      if colour != (channels == 3):
+        raise ValueError(
+            f"{path} is a {'colour' if colour else 'grayscale'} image (mode {mode}) but the "
+            f"model takes {channels} channel(s); convert it to "
+            f"{'RGB' if channels == 3 else 'grayscale'} first")
+      if image.size != (width, height):
+        raise ValueError(f"{path} is {image.size[0]}×{image.size[1]} but the model takes "
+                         f"{width}×{height} images; crop or resize it to that size first")
+      pixels = np.asarray(image.convert("RGB" if colour else "L"), np.uint8)
+    out.append(pixels.reshape(height, width, channels))
+  return np.stack(out).astype(np.float32) * (2.0 / 255.0) - 1.0
 
 
 def _jsonable(value: Any) -> Any:
@@ -70,6 +138,8 @@ def write_outputs(samples: Any, info: Mapping[str, Any], settings: Mapping[str, 
       arrays[key] = np.asarray(info[key])
   if known_mask is not None:
     arrays["known_mask"] = np.asarray(known_mask, bool)
+    if known is not None:
+      arrays["known"] = np.asarray(known, np.float32)
   levels = None
   if "levels" in info:
     steps = int(np.asarray(info.get("num_steps", np.asarray(info["levels"]).shape[0] - 1)))

@@ -38,7 +38,7 @@ def renoise_context(z: Array, levels: Array, known: Array, known_mask: Array, no
 
 
 def input_guided(call: Callable[[Array, Array], Prediction], known: Array, known_mask: Array, *,
-                 scale: float, level: float = DEFAULT_GUIDANCE_LEVEL, schedule: Schedule,
+                 scale: float | Array, level: float = DEFAULT_GUIDANCE_LEVEL, schedule: Schedule,
                  patch_size: PatchSize = 1) -> KeyedDenoiseFn:
   """Wraps `call(z, levels) -> Prediction` into the input-guided denoise function (2 calls)."""
   if not 0.0 < level <= 1.0:

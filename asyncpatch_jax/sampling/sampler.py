@@ -125,6 +125,19 @@ def prepare_known(x_shape: Sequence[int], known: Array | None, known_mask: Array
   return known, jnp.broadcast_to(jnp.asarray(known_mask).astype(bool), grid)
 
 
+def _guidance_on(input_guidance: float | Array) -> bool:
+  """Whether the guided branch runs: a Python ω > 0, or any array ω (checked if concrete)."""
+  if isinstance(input_guidance, int | float):
+    if input_guidance < 0:
+      raise ValueError(f"input_guidance must be >= 0, got {input_guidance}")
+    return input_guidance > 0
+  if jnp.ndim(input_guidance) != 0:
+    raise ValueError(f"input_guidance must be a scalar, got shape {jnp.shape(input_guidance)}")
+  if not isinstance(input_guidance, jax.core.Tracer) and float(input_guidance) < 0:
+    raise ValueError(f"input_guidance must be >= 0, got {float(input_guidance)}")
+  return True
+
+
 def _check_kwargs(where: str, kwargs: dict, allowed: Sequence[str]) -> None:
   unknown = sorted(set(kwargs) - set(allowed))
   if unknown:
@@ -280,7 +293,7 @@ def sample(denoiser: Denoiser, rng: Array, x_shape: Sequence[int], *,
            schedule: Schedule | str, strategy: str | plans_lib.Plan = "uniform",
            num_steps: int | None = None, patch_size: PatchSize = 1,
            known: Array | None = None, known_mask: Array | None = None,
-           input_guidance: float = 0.0, guidance_level: float = DEFAULT_GUIDANCE_LEVEL,
+           input_guidance: float | Array = 0.0, guidance_level: float = DEFAULT_GUIDANCE_LEVEL,
            stochastic: bool = True, update: str | None = None, return_levels: bool = False,
            progress: Callable[[int, int], None] | None = None,
            **strategy_kwargs) -> tuple[Array, dict[str, Array]]:
@@ -303,7 +316,8 @@ def sample(denoiser: Denoiser, rng: Array, x_shape: Sequence[int], *,
       tokens stay at level 0 with their values and come out bit-exact. Nothing known is plain
       generation; everything known returns `known` with nfe = 0.
     input_guidance: ω ≥ 0; > 0 needs `known_mask` and doubles the calls (see
-      `input_guidance.py`).
+      `input_guidance.py`). A Python 0 skips the guided branch; an array (e.g. traced, so one
+      compiled program serves every ω) always runs it, and ω = 0 then equals no guidance.
     guidance_level: k, the level the context is re-noised to in the guidance branch (0.5).
     stochastic: picks the default update: 'ancestral' (True) or 'ddim' (False).
     update: 'ancestral', 'ddim' or 'heun' (overrides `stochastic`).
@@ -326,16 +340,15 @@ def sample(denoiser: Denoiser, rng: Array, x_shape: Sequence[int], *,
   updates_lib.check_update(update)
   if num_steps is not None and (int(num_steps) != num_steps or num_steps < 1):
     raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-  if input_guidance < 0:
-    raise ValueError(f"input_guidance must be >= 0, got {input_guidance}")
-  if input_guidance > 0 and known_mask is None:
+  guided = _guidance_on(input_guidance)
+  if guided and known_mask is None:
     raise ValueError("input_guidance > 0 guides toward known context: pass known and known_mask")
   known_arr, mask = prepare_known(x_shape, known, known_mask, patch_size)
   call = checked_call(denoiser)
 
   if strategy == "repaint":
     _check_kwargs("strategy 'repaint'", strategy_kwargs, _STRATEGY_KWARGS["repaint"])
-    if input_guidance > 0:
+    if guided:
       raise ValueError("input guidance needs clean context, which RePaint does not keep: use "
                        "another strategy")
     return repaint.sample_repaint(call, rng, x_shape, schedule=schedule,
@@ -344,8 +357,10 @@ def sample(denoiser: Denoiser, rng: Array, x_shape: Sequence[int], *,
                                   update=update, return_levels=return_levels, **strategy_kwargs)
 
   plan = make_plan(strategy, grid[1:], num_steps, schedule=schedule, **strategy_kwargs)
-  if input_guidance > 0:
-    denoise = input_guided(call, known_arr, mask, scale=float(input_guidance),
+  if guided:
+    scale = (float(input_guidance) if isinstance(input_guidance, int | float)
+             else jnp.asarray(input_guidance, jnp.float32))
+    denoise = input_guided(call, known_arr, mask, scale=scale,
                            level=float(guidance_level), schedule=schedule, patch_size=patch_size)
   else:
     def denoise(z, levels, key):

@@ -78,37 +78,48 @@ def _class_labels(n: int, num_classes: int) -> jax.Array | None:
   return jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
 
 
-def make_sample_fn(config: Any, setup: state_lib.StateSetup, num: int, *, inpaint: bool
-                   ) -> Any:
-  """jit'd `(params, model_state, key[, known, known_mask, labels]) -> samples [num, H, W, C]`.
+def make_sample_fn(config: Any, setup: state_lib.StateSetup, num: int, *, inpaint: bool,
+                   return_info: bool = False) -> Any:
+  """jit'd `(params, model_state, key[, known, known_mask, labels, guidance, cfg_scale])
+  -> samples [num, H, W, C]` (with `return_info`: `(samples, info)`, the sampler's info, with
+  the level maps for the adaptive and autoregressive strategies).
 
   Class-conditional models draw classes 0, 1, 2, … in turn unless `labels` are given.
+  `guidance` (ω) and `cfg_scale` default to `config.sampling`'s; passed as arrays they are
+  traced, so one compiled program serves every value.
   """
   schedule = state_lib.make_schedule(config.diffusion)
   patch = int(config.diffusion.patch_size)
   num_classes = int(config.model.num_classes)
   scfg = config.sampling
   x_shape = (num, *state_lib.data_shape(config))
+  options = sampling.cli.parse_options(scfg.strategy_options)
+  levels = return_info and scfg.strategy in ("adaptive", "autoregressive")
   latents = config.data.source == "latents"
 
-  def run(params, model_state, key, known=None, mask=None, labels=None):
+  def run(params, model_state, key, known=None, mask=None, labels=None, guidance=None,
+          cfg_scale=None):
     model = setup.model_def.merge(params, model_state)
     if labels is None:
       labels = _class_labels(num, num_classes)
     denoiser = models.make_denoiser(
         model, schedule=schedule, parametrization=config.model.parametrization,
         patch_size=patch, labels=labels if num_classes else None,
-        cfg_scale=float(scfg.cfg_scale), num_classes=num_classes)
+        cfg_scale=float(scfg.cfg_scale) if cfg_scale is None else cfg_scale,
+        num_classes=num_classes)
     if scfg.clip_x0:
       denoiser = clip_x0(denoiser)
     kwargs = {}
     if inpaint:
-      kwargs = dict(known=known, known_mask=mask, input_guidance=float(scfg.input_guidance))
-    out, _ = sampling.sample(denoiser, key, x_shape, schedule=schedule,
-                             strategy=scfg.strategy, num_steps=int(scfg.num_steps),
-                             patch_size=patch, stochastic=bool(scfg.stochastic), **kwargs)
-    # Images live in [-1, 1]; latents are decoded by `make_decoder`.
-    return out if latents else jnp.clip(out, -1.0, 1.0)
+      kwargs = dict(known=known, known_mask=mask,
+                    input_guidance=float(scfg.input_guidance) if guidance is None else guidance)
+    out, info = sampling.sample(denoiser, key, x_shape, schedule=schedule,
+                                strategy=scfg.strategy, num_steps=int(scfg.num_steps),
+                                patch_size=patch, stochastic=bool(scfg.stochastic),
+                                return_levels=levels, **kwargs, **options)
+    if not latents:  # images live in [-1, 1]; latents are decoded by `make_decoder`
+      out = jnp.clip(out, -1.0, 1.0)
+    return (out, info) if return_info else out
 
   replicated = NamedSharding(setup.mesh, P())
   return jax.jit(run, out_shardings=replicated)

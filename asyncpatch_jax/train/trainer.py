@@ -225,21 +225,36 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def restore_latest(config: Any, workdir: Any):
-  """The checks of `prepare`, then the latest checkpoint restored onto the mesh (read-only).
+def restore_latest(config: Any, workdir: Any, step: int | None = None):
+  """The checks of `prepare`, then checkpoint `step` (None: the latest) restored onto the mesh
+  (read-only), after checking that it was trained with this config's model
+  (`restore.check_compatible`).
 
-  Returns `(workdir, batch_sharding, setup, state, step)`; shared by --mode=sample and eval.
+  Returns `(workdir, batch_sharding, setup, state, step)`; shared by --mode=sample, inpaint and
+  eval. A missing checkpoint, or a `step` that was not saved, is a FileNotFoundError that lists
+  the saved steps.
   """
+  from asyncpatch_jax.train import restore as restore_lib  # restore_model imports this module
+
+  directory = epath.Path(workdir) / "checkpoints"
+  if not str(workdir) or not directory.exists():
+    raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train) or pass "
+                            f"the training run's --workdir")
   workdir, mesh, batch_sharding = prepare(config, workdir)
   setup = state_lib.setup_state(config, mesh,
                                 opt_lib.make_optimizer(config.optimizer, int(config.num_steps)))
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint,
-                                       read_only=True)
+  checkpointer = ckpt_lib.Checkpointer(directory, config.checkpoint, read_only=True)
   try:
-    step = checkpointer.latest_step()
+    saved = checkpointer.all_steps()
+    if not saved:
+      raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train)")
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; train first "
-                              f"(--mode=train)")
+      step = checkpointer.latest_step()
+    elif int(step) not in saved:
+      raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; the saved steps are "
+                              f"{sorted(saved)}")
+    step = int(step)
+    restore_lib.check_compatible(checkpointer.restore_config(step), config, str(directory))
     state = checkpointer.restore(step, setup.abstract)
   finally:
     checkpointer.close()

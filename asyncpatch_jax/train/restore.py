@@ -1,0 +1,133 @@
+"""A trained network back from its workdir: the checkpoint's config check and `restore_model`.
+
+A checkpoint holds the train state of one config. Reading it with another config either fails
+deep inside Orbax (a parameter of another shape, another tree) or, worse, succeeds and means
+something else (another parametrisation, schedule or patch size). `check_compatible` compares
+the config saved with the checkpoint against the current one on the fields that fix the
+parameters and their meaning (`MODEL_FIELDS`) and names every difference; everything else
+(sampling, data pipeline, learning rate, batch size, …) may differ freely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from etils import epath
+from flax import nnx
+
+from asyncpatch_jax.train import optimizer as opt_lib
+
+# The parameters' shapes and meaning, and the train state's tree (EMAs, optimizer chain).
+MODEL_FIELDS = ("model", "data.image_size", "data.channels", "diffusion.patch_size",
+                "diffusion.schedule", "diffusion.log_snr_min", "diffusion.log_snr_max",
+                "optimizer.name", "optimizer.ema_decays", "optimizer.grad_clip_norm")
+# config.model fields that change neither the parameters nor the function they compute.
+FREE_MODEL_FIELDS = ("dropout", "label_dropout", "level_slots", "dtype", "attention_impl")
+RAW_PARAMS = "params"
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+  return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+  node: Any = tree
+  for part in dotted.split("."):
+    if not isinstance(node, Mapping) or part not in node:
+      return False, None
+    node = node[part]
+  return True, node
+
+
+def _normalise(field: str, value: Any) -> Any:
+  if field == "optimizer.grad_clip_norm":  # only on / off changes the optimizer state's tree
+    return bool(value and float(value) > 0)
+  if isinstance(value, list | tuple):
+    return tuple(_normalise(field, v) for v in value)
+  if isinstance(value, int | float) and not isinstance(value, bool):
+    return float(value)
+  return value
+
+
+def _compared(config: Mapping[str, Any]) -> dict[str, Any]:
+  out = {}
+  for field in MODEL_FIELDS:
+    found, value = _lookup(config, field)
+    if not found:
+      continue
+    if isinstance(value, Mapping):
+      for key, sub in value.items():
+        if field == "model" and key in FREE_MODEL_FIELDS:
+          continue
+        out[f"{field}.{key}"] = sub
+    else:
+      out[field] = value
+  return out
+
+
+def config_differences(saved: Mapping[str, Any], config: Any) -> dict[str, tuple[Any, Any]]:
+  """{field: (saved value, current value)} over `MODEL_FIELDS`; a field missing on either side
+  (a checkpoint older than the field) is not compared."""
+  old, new = _compared(saved), _compared(_as_dict(config))
+  return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
+          if _normalise(k, old[k]) != _normalise(k, new[k])}
+
+
+def check_compatible(saved: Mapping[str, Any], config: Any, where: str) -> None:
+  """Raises ValueError naming each model field where `config` differs from the `saved` one."""
+  diff = config_differences(saved, config)
+  if diff:
+    lines = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new)
+                      in diff.items())
+    overrides = " ".join(f"--config.{k}={old!r}" for k, (old, _) in list(diff.items())[:4])
+    raise ValueError(
+        f"the checkpoint in {where} was trained with a different model config ({lines}). "
+        f"Use the config it was trained with (the run's config.json), e.g. {overrides}; "
+        f"sampling settings may differ freely")
+
+
+class Restored(NamedTuple):
+  """A checkpoint read for sampling: the parameters chosen by `ema` and what goes with them."""
+
+  workdir: epath.Path
+  setup: Any             # state.StateSetup: the model definition and the mesh
+  params: nnx.State      # the EMA (or raw) parameters
+  model_state: nnx.State
+  step: int
+  ema: str
+
+
+def restore_params(config: Any, workdir: str | epath.Path, step: int | None = None,
+                   ema: str | None = None) -> Restored:
+  """Checkpoint `step` (None: the latest) of `workdir`, checked against `config`, with the
+  parameters of `ema` (see `restore_model`)."""
+  from asyncpatch_jax.train import trainer  # restore_latest; trainer imports this module
+  from asyncpatch_jax.train.evaluate import ema_params_name
+
+  name = ema_params_name(config) if ema is None else ema
+  names = opt_lib.ema_names(config.optimizer.ema_decays)  # the checkpoint's, once checked
+  if name != RAW_PARAMS and name not in names:
+    raise ValueError(f"no EMA {name!r} in the checkpoint; it has {list(names)} (or "
+                     f"{RAW_PARAMS!r} for the raw parameters)")
+  workdir, _, setup, state, step = trainer.restore_latest(config, workdir, step=step)
+  params = state.params if name == RAW_PARAMS else state.ema[name]
+  return Restored(workdir, setup, params, state.model_state, step, name)
+
+
+def restore_model(config: Any, workdir: str | epath.Path, step: int | None = None,
+                  ema: str | None = None) -> tuple[nnx.Module, int]:
+  """`(model, step)`: the network of checkpoint `step` (None: the latest) with EMA parameters.
+
+  Args:
+    config: the run's config (checked against the checkpoint's: `check_compatible`).
+    workdir: the training run's directory.
+    step: a saved step; a missing one is an error listing the saved steps.
+    ema: the EMA's name (e.g. '0p999'); None: `sampling.ema`, or the first decay;
+      'params': the raw training parameters.
+
+  The model is ready for `models.make_denoiser` (or `model(z, t, labels, deterministic=True)`)
+  and lives on the run's mesh (`config.mesh`).
+  """
+  restored = restore_params(config, workdir, step, ema)
+  return restored.setup.model_def.merge(restored.params, restored.model_state), restored.step

@@ -106,7 +106,8 @@ def _is_image_batch(array: np.ndarray) -> bool:
 
 def write_outputs(samples: Any, info: Mapping[str, Any], settings: Mapping[str, Any],
                   outdir: str | os.PathLike, *, known: Any = None,
-                  known_mask: Any = None, nrow: int | None = None) -> dict[str, str]:
+                  known_mask: Any = None, nrow: int | None = None,
+                  extra_arrays: Mapping[str, Any] | None = None) -> dict[str, str]:
   """Writes a sampling run's outputs into `outdir` (created); returns {kind: path}.
 
   Args:
@@ -114,6 +115,7 @@ def write_outputs(samples: Any, info: Mapping[str, Any], settings: Mapping[str, 
     info: the sampler's info ('nfe', 'nfe_per_example', 'num_steps', optional 'levels').
     settings: every setting of the run (strategy, steps, checkpoint, seed, ...), JSON-able.
     known, known_mask: the inpainting input, drawn as `inputs.png` when both are given.
+    extra_arrays: more arrays for `samples.npz` (e.g. the latents that `samples` decode).
   """
   outdir = os.fspath(outdir)
   os.makedirs(outdir, exist_ok=True)
@@ -132,7 +134,7 @@ def write_outputs(samples: Any, info: Mapping[str, Any], settings: Mapping[str, 
       visualize.save_image_grid(inputs, path("inputs.png"), nrow)
       written["inputs"] = path("inputs.png")
 
-  arrays = {"samples": samples}
+  arrays = {"samples": samples, **{k: np.asarray(v) for k, v in (extra_arrays or {}).items()}}
   for key in ("nfe_per_example",):
     if key in info:
       arrays[key] = np.asarray(info[key])

@@ -13,6 +13,9 @@ config, the checkpoint and the NFE measured by the sampler) and, for the adaptiv
 autoregressive strategies, levels.gif (the first batch's level maps). The folder is assembled
 under a hidden temporary name and renamed when complete, so it is never half-written.
 
+Latent runs (data.source='latents') decode their samples with the run's VAE for samples.png
+and keep the latents in samples.npz; `--mode=inpaint` is for pixel-space models.
+
 `--mode=inpaint` completes the images `sampling.image` (a PNG / JPEG, a folder or a glob; the
 model's size and channels) where `sampling.mask` says they are known: a PNG (white = known,
 RePaint's convention; `mask_invert` for white = hole; token- or pixel-sized, a token being known
@@ -154,6 +157,7 @@ def _restore(config: Any, workdir: Any) -> restore_lib.Restored:
 
 def sample_from_checkpoint(config: Any, workdir: str | epath.Path) -> dict[str, Any]:
   """`--mode=sample`; returns {'samples' [N, H, W, C] in [−1, 1], 'info', 'step', 'folder'}."""
+  decode = samples_lib.make_decoder(config)  # latent runs: the VAE, checked before restoring
   workdir, setup, params, model_state, step, ema = _restore(config, workdir)
   total = int(config.sampling.num_samples)
   batch = min(int(config.sampling.batch_size) or total, total)
@@ -167,13 +171,16 @@ def sample_from_checkpoint(config: Any, workdir: str | epath.Path) -> dict[str, 
     return fn(params, model_state, jax.random.fold_in(root, index), labels=labels)
 
   images, info = _run_batches(one, total, batch)
+  extra = {}
+  if decode is not None:  # samples.npz keeps the latents next to the decoded images
+    extra["latents"], images = images, decode(images)
   folder = _output_folder(config, workdir, "sample", step)
   if jax.process_index() == 0:
     settings = _settings(config, "sample", str(workdir / "checkpoints"), step, ema, total, batch,
                          info, seed=int(config.seed))
     nrow = num_classes if 0 < num_classes <= 16 else None  # a column per class
-    _write_folder(folder, lambda tmp: sampling.cli.write_outputs(images, info, settings, tmp,
-                                                                 nrow=nrow))
+    _write_folder(folder, lambda tmp: sampling.cli.write_outputs(
+        images, info, settings, tmp, nrow=nrow, extra_arrays=extra))
     logging.info("Sampled %d images from step %d (strategy %s, NFE %d) into %s", total, step,
                  config.sampling.strategy, info["nfe"], folder)
   return {"samples": images, "info": info, "step": step, "folder": folder}
@@ -181,6 +188,10 @@ def sample_from_checkpoint(config: Any, workdir: str | epath.Path) -> dict[str, 
 
 def inpaint_from_checkpoint(config: Any, workdir: str | epath.Path) -> dict[str, Any]:
   """`--mode=inpaint`; returns {'samples', 'known', 'known_mask', 'info', 'step', 'folder'}."""
+  if config.data.source == "latents":
+    raise ValueError("--mode=inpaint takes images for a pixel-space model; this run diffuses VAE "
+                     "latents (data.source='latents'): inpaint in latent space from Python "
+                     "(train.restore.restore_model, the VAE's encoder, sampling.sample)")
   paths = sampling.cli.image_paths(config.sampling.image)  # bad input fails before restoring
   known = sampling.cli.load_images(paths, state_lib.data_shape(config))
   total = known.shape[0]

@@ -103,6 +103,10 @@ def defaults() -> ml_collections.ConfigDict:
       "grad_accum_steps": 1,          # microbatches per update (the batch is split k ways)
       "ema_decays": (0.9999,),        # one EMA copy of the parameters per decay
       "ema_warmup": True,             # decay min(d, (1 + n) / (10 + n)) early on
+      # > 0: a step whose loss or gradient is NaN / inf keeps the old parameters, optimizer
+      # state and EMAs (counted in train/nonfinite_steps); the run stops once more than this
+      # many were skipped since it (re)started. 0: stop at the first one.
+      "skip_nonfinite_updates": 0,
   })
 
   config.mesh = ml_collections.ConfigDict({

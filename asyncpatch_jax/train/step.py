@@ -61,15 +61,53 @@ class FirstNonFinite(metrics.Metric):
 
 
 @flax.struct.dataclass
+class NonFiniteCount(metrics.Metric):
+  """How many steps had a non-finite loss or gradient (skipped under
+  `optimizer.skip_nonfinite_updates`, else fatal)."""
+
+  count: jax.Array
+
+  @classmethod
+  def from_model_output(cls, *, finite: jax.Array, **_) -> "NonFiniteCount":
+    return cls(count=jnp.logical_not(finite).astype(jnp.int32))
+
+  def merge(self, other: "NonFiniteCount") -> "NonFiniteCount":
+    return type(self)(count=self.count + other.count)
+
+  def compute(self) -> jax.Array:
+    return self.count
+
+  @classmethod
+  def empty(cls) -> "NonFiniteCount":
+    return cls(count=jnp.asarray(0, jnp.int32))
+
+
+def _finite_average(name: str) -> type[metrics.Average]:
+  """`Average.from_output(name)` over the finite steps only, so a skipped bad batch does not
+  turn the logged mean into NaN."""
+
+  @flax.struct.dataclass
+  class FiniteAverage(metrics.Average):
+    @classmethod
+    def from_model_output(cls, **outputs) -> metrics.Average:
+      finite = jnp.asarray(outputs["finite"])
+      value = jnp.where(finite, jnp.asarray(outputs[name], jnp.float32), 0.0)
+      return cls(total=value, count=finite.astype(jnp.int32))
+
+  return FiniteAverage
+
+
+@flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
-  loss: metrics.Average.from_output("loss")
-  mse: metrics.Average.from_output("mse")
-  nll: metrics.Average.from_output("nll")
-  grad_norm: metrics.Average.from_output("grad_norm")
+  loss: _finite_average("loss")
+  mse: _finite_average("mse")
+  nll: _finite_average("nll")
+  grad_norm: _finite_average("grad_norm")
   param_norm: metrics.LastValue.from_output("param_norm")
   learning_rate: metrics.LastValue.from_output("learning_rate")
-  mean_level: metrics.Average.from_output("mean_level")
+  mean_level: _finite_average("mean_level")
   first_nonfinite_step: FirstNonFinite
+  nonfinite_steps: NonFiniteCount
 
 
 def make_loss_fn(config: Any, model_def: ModelDef, *, train: bool = True) -> Callable:
@@ -133,6 +171,7 @@ def make_train_step(config: Any, setup: StateSetup) -> Callable:
   ema_warmup = bool(config.optimizer.ema_warmup)
   lr_schedule = opt_lib.learning_rate_schedule(config.optimizer, int(config.num_steps))
   root = train_rng_root(config)
+  skip_nonfinite = int(config.optimizer.skip_nonfinite_updates) > 0
   micro_sharding = NamedSharding(setup.mesh, P(None, BATCH_AXES))
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]
@@ -166,6 +205,11 @@ def make_train_step(config: Any, setup: StateSetup) -> Callable:
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state, ema=ema)
     finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:  # a bad batch keeps parameters, optimizer, EMAs; the step still advances
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                               new_state.replace(step=state.step), state
+                               ).replace(step=state.step + 1)
+      params = new_state.params
     step_metrics = TrainMetrics.single_from_model_output(
         loss=aux["loss"], mse=aux["mse"], nll=aux["nll"], mean_level=aux["mean_level"],
         grad_norm=grad_norm, param_norm=optax.global_norm(params),

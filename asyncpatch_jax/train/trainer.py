@@ -57,14 +57,23 @@ def prepare(config: Any, workdir: str | epath.Path) -> tuple[epath.Path, Any, An
 
 
 def _check_finite(acc: step_lib.TrainMetrics | None, checkpointer: ckpt_lib.Checkpointer,
-                  ) -> None:
+                  skipped_before: int = 0, max_skips: int = 0) -> None:
+  """Raises `NonFiniteError` at a non-finite step, or (with `max_skips` > 0, i.e.
+  `optimizer.skip_nonfinite_updates`) once more than `max_skips` steps were skipped."""
   if acc is None:
     return
   first = int(acc.first_nonfinite_step.compute())
   if first != step_lib.NO_FAILURE:
+    what = f"non-finite loss or gradient at step {first}"
+    if max_skips > 0:
+      total = skipped_before + int(acc.nonfinite_steps.compute())
+      if total <= max_skips:
+        return  # those updates were skipped in the step
+      what = (f"{total} steps skipped for a non-finite loss or gradient (the latest ones from "
+              f"step {first}), more than optimizer.skip_nonfinite_updates={max_skips}")
     checkpointer.wait_until_finished()  # let an in-flight (verified) save complete
     raise NonFiniteError(
-        f"non-finite loss or gradient at step {first}; stopping. The last good checkpoint is "
+        f"{what}; stopping. The last good checkpoint is "
         f"step {checkpointer.latest_step()} in {checkpointer.directory} (lower the learning "
         f"rate, enable gradient clipping, or check the data)")
 
@@ -167,6 +176,7 @@ def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
   sample_every = int(config.sampling.every_steps)
   eval_every = int(config.eval.every_steps)
   acc = None
+  skipped, max_skips = 0, int(config.optimizer.skip_nonfinite_updates)
   step = initial_step
   try:
     with metric_writers.ensure_flushes(writer):
@@ -184,11 +194,16 @@ def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
         stop = preempted or out_of_time
         last = step == num_steps or stop
         if at_log or last:
-          _check_finite(acc, checkpointer)
+          _check_finite(acc, checkpointer, skipped, max_skips)
           _write_metrics(writer, step, acc)
+          if newly_skipped := int(acc.nonfinite_steps.compute()):
+            skipped += newly_skipped
+            logging.warning("Skipped %d update(s) with a non-finite loss or gradient up to step "
+                            "%d (%d of %d allowed since the start)", newly_skipped, step, skipped,
+                            max_skips)
           acc = None
         if step % ckpt_every == 0 or last:
-          _check_finite(acc, checkpointer)
+          _check_finite(acc, checkpointer, skipped, max_skips)
           checkpointer.save(step, state, train_data.iterator, config)
         if eval_every and step % eval_every == 0 and evaluator is not None:
           with report.timed("eval"):

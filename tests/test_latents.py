@@ -285,3 +285,61 @@ def test_build_cli_end_to_end(lsun_lmdb, tmp_path):
   assert len(source) == 4 and source.metadata["num_shards"] == 2
   assert source.metadata["vae"]["weights_file"] == weights.HF_FILENAME
   assert source[3]["mean"].shape == (2, 4, 4, 4)
+
+
+def _write_lsun_export(path, num, seed):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  env = lmdb.open(str(path), map_size=2**24)
+  rng = np.random.default_rng(seed)
+  with env.begin(write=True) as txn:
+    for i in range(num):
+      image = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+      txn.put(f"{i:04d}".encode(), _encode(image, "WEBP"))
+  env.close()
+
+
+def test_lsun_debug_config_runs_the_commands_it_prints(tmp_path):
+  """configs/lsun.py:debug with the exports but no caches: the message asks only for the caches,
+  and its commands, run as printed, prepare a run that validates and yields latent batches."""
+  import shlex
+  import sys
+
+  from absl import flags
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from asyncpatch_jax.data import pipeline
+  from asyncpatch_jax.latents import build, prepare
+  from asyncpatch_jax.train import validation
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import lsun as lsun_config
+
+  for part in ("train", "val"):
+    _write_lsun_export(tmp_path / "lsun" / f"church_outdoor_{part}_lmdb", 8, len(part))
+  config = lsun_config.get_config("debug")
+  config.data.lsun_dir = str(tmp_path / "lsun")
+  config.data.latent_dir = str(tmp_path / "latents")
+  message = prepare.missing_preparation(config)
+  assert "Download" not in message  # the VAE is the random debug one, the exports exist
+  commands = [shlex.split(line) for line in message.splitlines()
+              if line.strip().startswith("python -m asyncpatch_jax.latents.build")]
+  assert [c[-1] for c in commands] == [f"--out={tmp_path}/latents/train",
+                                       f"--out={tmp_path}/latents/validation"]
+  with pytest.raises(validation.ConfigError, match="is not prepared"):
+    validation.validate_config(config)
+  parsed = flags.FLAGS.is_parsed()
+  try:
+    for command in commands:
+      flags.FLAGS.unparse_flags()
+      flags.FLAGS(command[2:])  # argv[0] is the module name
+      build.main(command[2:3])
+  finally:
+    flags.FLAGS.unparse_flags()
+    if parsed:
+      flags.FLAGS.mark_as_parsed()
+  validation.validate_config(config)
+  sharding = NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)), P("data"))
+  batch = next(pipeline.create_train_pipeline(config.data, sharding))
+  assert batch["image"].shape == (8, 4, 4, 4) and batch["image"].dtype == np.float32
+  assert float(np.asarray(batch["image"]).std()) > 0

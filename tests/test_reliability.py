@@ -148,3 +148,87 @@ def test_trainer_skips_counts_and_stops_past_the_limit(tmp_path, monkeypatch):
   # Step 2's checkpoint (one skip, within the limit) was saved; step 4's was not.
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
                 if p.name.isdigit()) == [2]
+
+
+# --- config validation: every field's type and range, each message naming the field and fix ---
+
+_BAD_FIELDS = [
+    ({"seed": -1}, "config.seed must be in"),
+    ({"num_steps": 0}, "config.num_steps must be positive"),
+    ({"num_steps": 2.5}, "config.num_steps must be an integer"),
+    ({"train_minutes": float("nan")}, "config.train_minutes must be a number"),
+    ({"data.channels": 4}, "config.data.channels must be 1 or 3"),
+    ({"data.random_flip": 1}, "config.data.random_flip must be True or False"),
+    ({"data.texture_scale": 0.0}, "config.data.texture_scale must be positive"),
+    ({"data.eval_split": ""}, "config.data.eval_split must be non-empty"),
+    ({"model.name": "resnet"}, "config.model.name must be one of"),
+    ({"model.dtype": "float16"}, "config.model.dtype must be one of"),
+    ({"model.level_embedding": "sigma"}, "config.model.level_embedding must be one of"),
+    ({"model.dropout": -0.1}, r"config.model.dropout must be in \[0, 1\)"),
+    ({"model.label_dropout": 1.0}, r"config.model.label_dropout must be in \[0, 1\)"),
+    ({"model.channel_mult": ()}, "model.channel_mult must be a non-empty tuple"),
+    ({"model.attention_impl": "flash"}, "model.attention_impl must be None"),
+    ({"model.norm_groups": 12}, "multiples of model.norm_groups=12"),
+    ({"model.name": "dit", "model.dit_patch": 3}, "model.dit_patch=3 must divide"),
+    ({"model.name": "dit", "model.dit_num_heads": 5}, "dit_num_heads"),
+    ({"optimizer.name": "sgd"}, "config.optimizer.name must be 'adamw'"),
+    ({"optimizer.learning_rate": 0.0}, "config.optimizer.learning_rate must be positive"),
+    ({"optimizer.learning_rate": "1e-4"}, "config.optimizer.learning_rate must be a number"),
+    ({"optimizer.b2": 1.0}, r"config.optimizer.b2 must be in \[0, 1\)"),
+    ({"optimizer.eps": 0.0}, "config.optimizer.eps must be positive"),
+    ({"optimizer.ema_decays": (1.0,)}, r"optimizer.ema_decays must be a non-empty tuple"),
+    ({"optimizer.skip_nonfinite_updates": -1}, "config.optimizer.skip_nonfinite_updates must"),
+    ({"mesh.fsdp": 0}, r"config.mesh.fsdp must be -1 \(fill\) or >= 1"),
+    ({"checkpoint.async_save": "yes"}, "config.checkpoint.async_save must be True or False"),
+    ({"eval.num_batches": 0}, "config.eval.num_batches must be >= 1"),
+    ({"sampling.strategy": "zigzag"}, "config.sampling.strategy must be one of"),
+    ({"sampling.cfg_scale": -1.0}, "config.sampling.cfg_scale must be >= 0"),
+    ({"sampling.num_inpaint": 0}, "config.sampling.num_inpaint must be >= 1"),
+    ({"diffusion.log_snr_min": 20.0}, "log_snr_min=20.0 must be below diffusion.log_snr_max"),
+    ({"diffusion.patch_size": 3}, "diffusion.patch_size=3 must divide"),
+    ({"diffusion.level_sampler.components.mask.weight": -0.3}, "component weights must be"),
+    ({"diffusion.level_sampler.components.staircase.max_overlap": 1.5}, "max_overlap"),
+]
+
+
+def _with(overrides):
+  """digits:debug as a fresh ConfigDict (any value type allowed) with `overrides` applied."""
+  import ml_collections
+
+  from configs import digits
+
+  tree = digits.get_config("debug").to_dict()
+  for path, value in overrides.items():
+    *parents, leaf = path.split(".")
+    node = tree
+    for key in parents:
+      node = node[key]
+    node[leaf] = value
+  return ml_collections.ConfigDict(tree)
+
+
+@pytest.mark.parametrize("overrides,message", _BAD_FIELDS,
+                         ids=[",".join(o) + "=" + repr(list(o.values())[-1])
+                              for o, _ in _BAD_FIELDS])
+def test_each_bad_field_is_a_config_error_naming_it(overrides, message):
+  from asyncpatch_jax.train import validation
+
+  validation.validate_config(_with({}))  # the base is valid
+  with pytest.raises(validation.ConfigError, match=message):
+    validation.validate_config(_with(overrides))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"mesh.data": 3}, r"3×1 = 3 does not match the 8 available devices; set --config.mesh"),
+    ({"data.batch_size": 12}, r"data.batch_size=12 .* use a multiple of 8"),
+    ({"optimizer.grad_accum_steps": 2}, r"grad_accum_steps=2 .* use a multiple of 16"),
+], ids=["mesh_vs_devices", "batch_vs_data_axis", "batch_vs_microbatches"])
+def test_topology_errors_name_the_fields(overrides, message):
+  import jax
+
+  from asyncpatch_jax.train import validation
+
+  assert len(jax.devices()) == 8
+  validation.validate_topology(_with({}))
+  with pytest.raises(validation.ConfigError, match=message):
+    validation.validate_topology(_with(overrides))

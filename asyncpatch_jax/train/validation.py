@@ -19,7 +19,11 @@ from asyncpatch_jax.autoencoder import VAE_CONFIGS
 from asyncpatch_jax.data import sources
 from asyncpatch_jax.diffusion import level_samplers
 from asyncpatch_jax.latents import prepare
+from asyncpatch_jax.models import common as model_common
+from asyncpatch_jax.models import embeddings as model_embeddings
+from asyncpatch_jax.models import registry as model_registry
 from asyncpatch_jax.sampling import masks
+from asyncpatch_jax.sampling import sampler as sampler_lib
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
 from asyncpatch_jax.train import state as state_lib
@@ -41,6 +45,7 @@ def validate_config(config: Any) -> None:
   """Value checks that do not depend on the devices (structure is locked by the configs)."""
   missing = [s for s in REQUIRED_SECTIONS if s not in config]
   _require(not missing, f"config lacks the sections {missing}; build it from configs/base.py")
+  _validate_fields(config)
   _require(int(config.num_steps) > 0, f"num_steps must be positive, got {config.num_steps}")
   _require(float(config.train_minutes) >= 0,
            f"train_minutes must be >= 0 (0 = run num_steps), got {config.train_minutes}")
@@ -63,7 +68,7 @@ def validate_config(config: Any) -> None:
     diffusion.get_schedule(diff.schedule, log_snr_min=diff.log_snr_min,
                            log_snr_max=diff.log_snr_max)
     level_samplers.from_config(diff.level_sampler)
-  except ValueError as e:
+  except (ValueError, TypeError) as e:
     raise ConfigError(f"config.diffusion: {e}") from e
   patch = int(diff.patch_size)
   if data.source == "latents":
@@ -192,3 +197,180 @@ def check_workdir(workdir: str | epath.Path) -> epath.Path:
 
 def describe_mesh(data: int, fsdp: int) -> str:
   return f"mesh data={data} × fsdp={fsdp} = {math.prod((data, fsdp))} devices"
+
+
+# Every scalar field: (path, type, test, what it must be). `_validate_fields` runs these first,
+# so later checks can convert values without a raw TypeError / ValueError.
+_INT, _FLOAT, _BOOL, _STR = "an integer", "a number", "True or False", "a string"
+_FIELDS: tuple[tuple[str, str, Any, str], ...] = (
+    ("seed", _INT, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("num_steps", _INT, lambda v: v > 0, "positive"),
+    ("train_minutes", _FLOAT, lambda v: v >= 0, ">= 0 (0: run num_steps)"),
+    ("data.source", _STR, None, ""),
+    ("data.image_size", _INT, lambda v: v > 0, "positive"),
+    ("data.channels", _INT, lambda v: v in (1, 3), "1 or 3"),
+    ("data.num_classes", _INT, lambda v: v >= 0, ">= 0"),
+    ("data.batch_size", _INT, lambda v: v > 0, "positive (the global batch)"),
+    ("data.random_flip", _BOOL, None, ""),
+    ("data.seed", _INT, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("data.train_split", _STR, bool, "non-empty (e.g. 'train')"),
+    ("data.eval_split", _STR, bool, "non-empty (e.g. 'test')"),
+    ("data.texture_crops_per_epoch", _INT, lambda v: v >= 1, ">= 1"),
+    ("data.texture_scale", _FLOAT, lambda v: v > 0, "positive"),
+    ("data.read_threads", _INT, lambda v: v >= 1, ">= 1"),
+    ("data.prefetch_buffer_size", _INT, lambda v: v >= 0, ">= 0"),
+    ("data.worker_count", _INT, lambda v: v >= 0, ">= 0 (0: read in this process)"),
+    ("data.worker_buffer_size", _INT, lambda v: v >= 1, ">= 1"),
+    ("diffusion.schedule", _STR, None, ""),
+    ("diffusion.log_snr_min", _FLOAT, None, ""),
+    ("diffusion.log_snr_max", _FLOAT, None, ""),
+    ("diffusion.patch_size", _INT, lambda v: v >= 1, ">= 1"),
+    ("diffusion.weighting", _STR, None, ""),
+    ("diffusion.variance_weight", _FLOAT, lambda v: v >= 0, ">= 0"),
+    ("model.name", _STR, lambda v: v in model_registry.MODELS,
+     f"one of {sorted(model_registry.MODELS)}"),
+    ("model.parametrization", _STR, None, ""),
+    ("model.uncertainty", _BOOL, None, ""),
+    ("model.num_classes", _INT, lambda v: v >= 0, ">= 0 (0: unconditional)"),
+    ("model.label_dropout", _FLOAT, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.level_embedding", _STR, lambda v: v in model_embeddings.LEVEL_EMBEDDINGS,
+     f"one of {model_embeddings.LEVEL_EMBEDDINGS}"),
+    ("model.level_slots", _INT, lambda v: v >= 0, ">= 0 (0: off)"),
+    ("model.dtype", _STR, lambda v: v in model_common.DTYPES, f"one of {model_common.DTYPES}"),
+    ("model.remat", _STR, lambda v: not v or v in model_common.REMAT_POLICIES,
+     f"'' (off) or one of {sorted(model_common.REMAT_POLICIES)}"),
+    ("model.scan_layers", _BOOL, None, ""),
+    ("model.channels", _INT, lambda v: v >= 1, ">= 1"),
+    ("model.num_res_blocks", _INT, lambda v: v >= 1, ">= 1"),
+    ("model.dropout", _FLOAT, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.num_heads", _INT, lambda v: v >= 1, ">= 1"),
+    ("model.norm_groups", _INT, lambda v: v >= 1, ">= 1"),
+    ("model.dit_size", _STR, lambda v: v in model_registry.DIT_SIZES,
+     f"one of {list(model_registry.DIT_SIZES)}"),
+    ("model.dit_patch", _INT, lambda v: v >= 1, ">= 1"),
+    ("model.dit_mlp_ratio", _FLOAT, lambda v: v > 0, "positive"),
+    ("optimizer.name", _STR, lambda v: v == "adamw", "'adamw' (the only one provided)"),
+    ("optimizer.learning_rate", _FLOAT, lambda v: v > 0, "positive"),
+    ("optimizer.warmup_steps", _INT, lambda v: v >= 0, ">= 0"),
+    ("optimizer.schedule", _STR, lambda v: v in opt_lib.SCHEDULES, f"one of {opt_lib.SCHEDULES}"),
+    ("optimizer.end_lr_fraction", _FLOAT, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optimizer.b1", _FLOAT, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.b2", _FLOAT, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.eps", _FLOAT, lambda v: v > 0, "positive"),
+    ("optimizer.weight_decay", _FLOAT, lambda v: v >= 0, ">= 0"),
+    ("optimizer.grad_clip_norm", _FLOAT, lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    ("optimizer.grad_accum_steps", _INT, lambda v: v >= 1, ">= 1"),
+    ("optimizer.ema_warmup", _BOOL, None, ""),
+    ("optimizer.skip_nonfinite_updates", _INT, lambda v: v >= 0,
+     ">= 0 (0: stop at the first non-finite loss)"),
+    ("mesh.data", _INT, lambda v: v == -1 or v >= 1, "-1 (fill) or >= 1"),
+    ("mesh.fsdp", _INT, lambda v: v == -1 or v >= 1, "-1 (fill) or >= 1"),
+    ("mesh.min_shard_size", _INT, lambda v: v >= 0, ">= 0"),
+    ("checkpoint.every_steps", _INT, lambda v: v > 0, "positive"),
+    ("checkpoint.max_to_keep", _INT, lambda v: v >= 0, ">= 0 (0: keep all)"),
+    ("checkpoint.keep_period", _INT, lambda v: v >= 0, ">= 0 (0: none)"),
+    ("checkpoint.async_save", _BOOL, None, ""),
+    ("logging.log_every_steps", _INT, lambda v: v > 0, "positive"),
+    ("logging.profile", _BOOL, None, ""),
+    ("logging.parameter_overview", _BOOL, None, ""),
+    ("eval.every_steps", _INT, lambda v: v >= 0, ">= 0 (0: never during training)"),
+    ("eval.num_batches", _INT, lambda v: v >= 1, ">= 1"),
+    ("eval.elbo_steps", _INT, lambda v: v >= 0, ">= 0 (0: no bits/dim)"),
+    ("sampling.every_steps", _INT, lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("sampling.num_samples", _INT, lambda v: v >= 1, ">= 1"),
+    ("sampling.num_steps", _INT, lambda v: v >= 1, ">= 1"),
+    ("sampling.strategy", _STR, lambda v: v in sampler_lib.STRATEGIES,
+     f"one of {sampler_lib.STRATEGIES}"),
+    ("sampling.stochastic", _BOOL, None, ""),
+    ("sampling.clip_x0", _BOOL, None, ""),
+    ("sampling.cfg_scale", _FLOAT, lambda v: v >= 0, ">= 0 (0: no guidance)"),
+    ("sampling.input_guidance", _FLOAT, lambda v: v >= 0, ">= 0 (0: off)"),
+    ("sampling.inpaint_mask", _STR, None, ""),
+    ("sampling.num_inpaint", _INT, lambda v: v >= 1, ">= 1"),
+    ("sampling.ema", _STR, None, ""),
+)
+
+
+def _has_type(value: Any, kind: str) -> bool:
+  if kind == _BOOL:
+    return isinstance(value, bool)
+  if kind == _INT:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if kind == _FLOAT:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+  return isinstance(value, str)
+
+
+def _lookup(config: Any, path: str) -> tuple[bool, Any]:
+  node = config
+  for key in path.split("."):
+    if key not in node:
+      return False, None
+    node = node[key]
+  return True, node
+
+
+def _validate_fields(config: Any) -> None:
+  """Type and range of every scalar field in `_FIELDS`, then the structured ones: tuples, the
+  schedule's range, the network's widths vs heads and groups."""
+  for path, kind, test, requirement in _FIELDS:
+    present, value = _lookup(config, path)
+    if not present:
+      continue  # absent from this config: the section checks (or the builder) cover it
+    _require(_has_type(value, kind),
+             f"config.{path} must be {kind}{' ' + requirement if requirement else ''}, got "
+             f"{value!r} ({type(value).__name__}); fix it in the config or with "
+             f"--config.{path}=...")
+    _require(test is None or bool(test(value)),
+             f"config.{path} must be {requirement}, got {value!r}; fix it in the config or with "
+             f"--config.{path}=...")
+
+  diff, model = config.diffusion, config.model
+  _require(float(diff.log_snr_min) < float(diff.log_snr_max),
+           f"diffusion.log_snr_min={diff.log_snr_min} must be below diffusion.log_snr_max="
+           f"{diff.log_snr_max}")
+  _require(_is_int_tuple(model.channel_mult, minimum=1) and len(model.channel_mult) > 0,
+           f"model.channel_mult must be a non-empty tuple of integers >= 1, got "
+           f"{model.channel_mult!r}")
+  _require(_is_int_tuple(model.attention_resolutions, minimum=1),
+           f"model.attention_resolutions must be a tuple of spatial sizes >= 1, got "
+           f"{model.attention_resolutions!r}")
+  decays = config.optimizer.ema_decays
+  _require(isinstance(decays, tuple | list) and len(decays) > 0
+           and all(_has_type(d, _FLOAT) and 0 < d < 1 for d in decays),
+           f"optimizer.ema_decays must be a non-empty tuple of decays in (0, 1), got {decays!r}")
+  for key in ("dit_hidden_size", "dit_depth", "dit_num_heads"):
+    value = model.get(key)
+    _require(value is None or (_has_type(value, _INT) and value >= 1),
+             f"model.{key} must be None (the dit_size's value) or an integer >= 1, got "
+             f"{value!r}")
+  _require(model.get("attention_impl") in (None, "xla", "cudnn"),
+           f"model.attention_impl must be None (automatic), 'xla' or 'cudnn', got "
+           f"{model.get('attention_impl')!r}")
+  if model.name == "unet":
+    widths = [int(model.channels) * int(m) for m in model.channel_mult]
+    _require(all(w % int(model.norm_groups) == 0 for w in widths),
+             f"the U-Net widths {widths} (model.channels × model.channel_mult) must be multiples "
+             f"of model.norm_groups={model.norm_groups}; change either")
+    _require(not model.scan_layers, "model.scan_layers applies to the DiT only; set it False")
+  elif model.name == "dit":
+    hidden, _, heads = model_registry.dit_dimensions(model)
+    _require(hidden % heads == 0 and hidden % 4 == 0,
+             f"the DiT hidden size {hidden} must be a multiple of 4 and of its {heads} heads; set "
+             f"model.dit_hidden_size / model.dit_num_heads (or model.dit_size)")
+    size = int(config.data.image_size)
+    _require(config.data.source == "latents" or size % int(model.dit_patch) == 0,
+             f"model.dit_patch={model.dit_patch} must divide data.image_size={size}")
+  level_sampler = config.diffusion.level_sampler
+  if level_sampler.get("name") == "mixture":
+    weights = {k: c.get("weight", 1.0) for k, c in dict(level_sampler.components).items()}
+    _require(all(_has_type(w, _FLOAT) and w >= 0 for w in weights.values())
+             and sum(weights.values()) > 0,
+             f"diffusion.level_sampler component weights must be numbers >= 0 with a positive "
+             f"sum, got {weights}")
+
+
+def _is_int_tuple(value: Any, minimum: int) -> bool:
+  return isinstance(value, tuple | list) and all(
+      _has_type(v, _INT) and v >= minimum for v in value)

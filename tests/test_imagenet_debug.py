@@ -59,6 +59,8 @@ def test_debug_config_trains_checkpoints_and_decodes_samples(prepared):
   config, root = prepared
   assert config.data.source == "latents" and config.model.name == "dit"
   assert config.model.num_classes == 1000 and config.sampling.cfg_scale == 1.5
+  config = config.copy_and_resolve_references()
+  config.eval.every_steps, config.eval.num_batches = 4, 1  # held-out loss on the eval latents
   validation.validate_config(config)
   workdir = root / "run"
   state = trainer.train_and_evaluate(config, workdir)

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from asyncpatch_jax import data as data_lib
 from asyncpatch_jax import diffusion, models
 from asyncpatch_jax.data import pipeline
+from asyncpatch_jax.data import preprocess as preprocess_lib
 from asyncpatch_jax.diffusion import elbo, paths
 from asyncpatch_jax.train import optimizer as opt_lib
 from asyncpatch_jax.train import state as state_lib
@@ -130,13 +131,27 @@ class Evaluator:
 
 
 def _reference_batches(config: Any, split: str, batch: int) -> Callable[[], Iterator[np.ndarray]]:
-  """Every image of `split`, preprocessed as for training (no flips), in uint8 batches."""
+  """Every image of `split` in uint8 batches: preprocessed as for training (no flips), or for a
+  latent run the images its cache encoded (ADM centre crop at `data.image_size`)."""
   def batches() -> Iterator[np.ndarray]:
-    source = data_lib.get_source(config.data, split)
-    preprocess = pipeline.make_preprocess(config.data, train=False, source=source)
+    if config.data.source == "latents":
+      from asyncpatch_jax.latents import build, prepare
+
+      lsun = bool(config.data.lsun_category)
+      source, _ = build.make_source(
+          "lsun" if lsun else "tfds", image_size=int(config.data.image_size),
+          tfds_name=config.data.tfds_name, split=split, tfds_data_dir=config.data.tfds_data_dir,
+          label_key=config.data.label_key,
+          lsun_lmdb=prepare.lsun_lmdb(config.data, split) if lsun else "")
+      size = int(config.data.image_size)
+      load = lambda i: data_lib.center_crop_resize(
+          preprocess_lib.to_channels(np.asarray(source[i]["image"]), 3), size)
+    else:
+      source = data_lib.get_source(config.data, split)
+      preprocess = pipeline.make_preprocess(config.data, train=False, source=source)
+      load = lambda i: preprocess(source[i])["image"]
     for start in range(0, len(source), batch):
-      stop = min(start + batch, len(source))
-      yield np.stack([preprocess(source[i])["image"] for i in range(start, stop)])
+      yield np.stack([load(i) for i in range(start, min(start + batch, len(source)))])
   return batches
 
 
@@ -160,9 +175,11 @@ def sample_quality(config: Any, setup: state_lib.StateSetup, state: state_lib.Tr
   from asyncpatch_jax.train import samples as samples_lib  # avoids an import cycle
 
   num = int(config.eval.fid_samples)
-  if len(state_lib.data_shape(config)) != 3 or state_lib.data_shape(config)[-1] not in (1, 3):
-    raise ValueError(f"FID needs images with 1 or 3 channels, not data of shape "
-                     f"{state_lib.data_shape(config)}; set --config.eval.fid_samples=0")
+  decode = samples_lib.make_decoder(config)  # latent runs: FID of the decoded images
+  shape = state_lib.data_shape(config)
+  if decode is None and (len(shape) != 3 or shape[-1] not in (1, 3)):
+    raise ValueError(f"FID needs images with 1 or 3 channels, not data of shape {shape}; set "
+                     f"--config.eval.fid_samples=0")
   extractor = evaluation.FeatureExtractor(mesh=setup.mesh)
   batch = int(config.eval.fid_batch_size)
   cache_dir = config.eval.fid_cache_dir or os.fspath(workdir / "fid_cache")
@@ -176,6 +193,8 @@ def sample_quality(config: Any, setup: state_lib.StateSetup, state: state_lib.Tr
   features = []
   for i in range(math.ceil(num / batch)):
     images = sample_fn(params, state.model_state, jax.random.fold_in(root, i))
+    if decode is not None:
+      images = decode(images)
     features.append(extractor(_rgb(images)))
     logging.info("FID samples: %d / %d", min((i + 1) * batch, num), num)
   features = np.concatenate(features)[:num]

@@ -1,5 +1,6 @@
 """Latent caches for latent diffusion (encode once, train on the VAE's latents) and the LSUN
-LMDB reader. Build a cache with `python -m asyncpatch_jax.latents.build`."""
+LMDB reader. Build a cache with `python -m asyncpatch_jax.latents.build`; `prepare` says what a
+run with `data.source='latents'` needs and prints the commands that prepare it."""
 
 from asyncpatch_jax.latents.cache import (
     LatentCacheMismatchError,

@@ -77,11 +77,13 @@ def vae_identity(vae: AutoencoderKL, weights_file: str | None = None) -> dict[st
 
 
 def build_command_hint() -> str:
-  weights = "--vae_weights=PATH/diffusion_pytorch_model.safetensors"
+  """A generic build command; a run's config prints its exact ones (`latents.prepare`)."""
+  weights = "--vae_config=sd --vae_weights=PATH/diffusion_pytorch_model.safetensors"
   return (f"python -m asyncpatch_jax.latents.build --source=tfds --tfds_name=imagenet2012 "
           f"--split=train --image_size=256 {weights} --out=CACHE_DIR\n  (LSUN: --source=lsun "
           f"--lsun_lmdb=PATH/church_outdoor_train_lmdb instead of the TFDS flags; the VAE weights "
-          f"are stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors)")
+          f"are stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors; a run's cache of "
+          f"split S lives in <data.latent_dir>/S)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,6 +87,9 @@ def defaults() -> ml_collections.ConfigDict:
       # it: resume a run with the value it was started with.
       "worker_count": 0,
       "worker_buffer_size": 2,
+      # TFDS sets: how many unreadable / unusable images (corrupt, empty, 5 channels, …) may be
+      # replaced by the next record, each with a warning, before the run stops. 0: stop at one.
+      "max_bad_records": 0,
   })
 
   config.optimizer = ml_collections.ConfigDict({

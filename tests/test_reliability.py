@@ -4,6 +4,7 @@ uninterrupted run (benchmarks/sigkill_stress.py drives real `asyncpatch_jax.main
 import importlib.util
 import pathlib
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -232,3 +233,86 @@ def test_topology_errors_name_the_fields(overrides, message):
   validation.validate_topology(_with({}))
   with pytest.raises(validation.ConfigError, match=message):
     validation.validate_topology(_with(overrides))
+
+
+# --- bad data: unusable images are a clear error, or (TFDS sets) skipped and counted ---
+
+@pytest.mark.parametrize("image,message", [
+    (np.zeros((8, 8, 1), np.float32), "float32 pixels where uint8"),
+    (np.zeros((8, 8, 5), np.uint8), "5 channels"),
+    (np.zeros((0, 8, 3), np.uint8), "empty image"),
+    (np.zeros((2, 8, 8, 3), np.uint8), r"shape \(2, 8, 8, 3\) is not"),
+    (np.array(b"\x89PNG garbage"), "undecoded bytes"),
+], ids=["float", "5_channels", "empty", "4d", "bytes"])
+def test_preprocess_names_what_is_wrong_with_an_image(image, message):
+  from asyncpatch_jax.data import preprocess
+
+  with pytest.raises(preprocess.BadRecordError, match=message):
+    preprocess.Preprocess(8, 1)({"image": image, "label": 0})
+
+
+def test_any_size_and_grey_alpha_are_converted():
+  from asyncpatch_jax.data import preprocess
+
+  grey_alpha = np.stack([np.full((5, 13), 200, np.uint8), np.zeros((5, 13), np.uint8)], -1)
+  out = preprocess.Preprocess(8, 3)({"image": grey_alpha, "label": 2})["image"]
+  assert out.shape == (8, 8, 3) and out.dtype == np.uint8 and (out == 200).all()
+
+
+class _DamagedSource:
+  """16 digits; record 3 fails to read (a corrupt file), record 5 has 5 channels."""
+
+  def __init__(self):
+    from asyncpatch_jax.data import sources
+
+    self.base = sources.digits_source("train")
+
+  def __len__(self):
+    return 16
+
+  def __getitem__(self, i):
+    if i == 3:
+      raise OSError("image file is truncated")
+    record = dict(self.base[i])
+    if i == 5:
+      record["image"] = np.repeat(record["image"], 5, axis=-1)
+    return record
+
+
+def _pipeline(source):
+  import jax
+
+  from asyncpatch_jax.data import pipeline
+
+  config = _with({"data.random_flip": False})
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return pipeline.create_train_pipeline(config.data, sharding, source=source)
+
+
+def test_bad_records_are_skipped_counted_and_limited(caplog):
+  import pickle
+
+  from asyncpatch_jax.data import sources
+
+  wrapped = sources.SkipBadRecords(_DamagedSource(), max_bad=2)
+  assert pickle.loads(pickle.dumps(wrapped)).max_bad == 2  # grain workers get a copy
+  with caplog.at_level("WARNING"):
+    assert [wrapped[i]["label"] for i in (2, 3, 4, 5, 6)] == [
+        wrapped[i]["label"] for i in (2, 4, 4, 6, 6)]  # each bad one → the next good one
+  assert wrapped.bad == {3, 5}
+  assert "Skipping record 3" in caplog.text and "truncated" in caplog.text
+  assert "Skipping record 5" in caplog.text and "5 channels" in caplog.text
+
+  source = sources.SkipBadRecords(_DamagedSource(), max_bad=2)
+  data = _pipeline(source)
+  try:
+    batches = [next(data)["image"] for _ in range(4)]  # two epochs of 16
+  finally:
+    data.close()
+  assert all(b.shape == (8, 8, 8, 1) and b.dtype == np.uint8 for b in batches)
+  assert source.bad == {3, 5}
+
+  strict = sources.SkipBadRecords(_DamagedSource(), max_bad=0)
+  with pytest.raises(sources.BadDataError,
+                     match=r"record 3 .* truncated.*max_bad_records=0.*--config.data"):
+    strict[3]

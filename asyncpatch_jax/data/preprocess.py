@@ -1,4 +1,11 @@
-"""Per-record preprocessing on the host: ADM centre crop + resize, channels, random flip."""
+"""Per-record preprocessing on the host: ADM centre crop + resize, channels, random flip.
+
+Any image size is cropped / resized to `image_size`, and 1 (grey), 2 (grey + alpha), 3 (RGB) or
+4 (RGBA) channels are converted to the configured count. What cannot be used — undecodable bytes,
+an empty image, a dtype other than uint8, another channel count — is a `BadRecordError` naming the
+problem; `sources.SkipBadRecords` (TFDS sets, `data.max_bad_records`) skips and counts such
+records instead.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,31 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+CONVERTIBLE_CHANNELS = (1, 2, 3, 4)
+
+
+class BadRecordError(ValueError):
+  """A record's image cannot be preprocessed; the message says why."""
+
+
+def image_problem(image: Any) -> str | None:
+  """Why `image` cannot be preprocessed, or None if it can (any size; see the module doc)."""
+  try:
+    arr = np.asarray(image)
+  except Exception as e:  # e.g. a lazily decoded image whose bytes are corrupt
+    return f"unreadable ({type(e).__name__}: {e})"
+  if arr.dtype != np.uint8:
+    what = "undecoded bytes / objects" if arr.dtype.kind in "OSUV" else f"{arr.dtype} pixels"
+    return f"{what} where uint8 pixels were expected"
+  if arr.ndim not in (2, 3):
+    return f"shape {arr.shape} is not [H, W] or [H, W, C]"
+  if arr.size == 0:
+    return f"empty image of shape {arr.shape}"
+  if arr.ndim == 3 and arr.shape[-1] not in CONVERTIBLE_CHANNELS:
+    return (f"{arr.shape[-1]} channels (shape {arr.shape}); 1, 2 (grey + alpha), 3 or 4 (RGBA) "
+            f"can be converted")
+  return None
 
 
 def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -45,6 +77,8 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
   have = image.shape[-1]
   if have == channels:
     return image
+  if have == 2:  # grey + alpha: drop the alpha
+    return to_channels(image[..., :1], channels)
   if have == 1 and channels == 3:
     return np.repeat(image, 3, axis=-1)
   if have in (3, 4) and channels == 1:
@@ -72,10 +106,10 @@ class Preprocess:
 
   def __call__(self, record: dict[str, Any], flip_key: tuple[int, ...] | None = None
                ) -> dict[str, np.ndarray]:
-    image = np.asarray(record["image"])
-    if image.dtype != np.uint8:
-      raise ValueError(f"expected uint8 images, got {image.dtype}")
-    image = to_channels(image, self.channels)
+    problem = image_problem(record["image"])
+    if problem is not None:
+      raise BadRecordError(f"bad image record: {problem}")
+    image = to_channels(np.asarray(record["image"]), self.channels)
     if self.crop == "center":
       image = center_crop_resize(image, self.image_size)
     else:

@@ -10,10 +10,12 @@ configs need no download.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 BUNDLED = ("mnist", "digits", "textures")
 SOURCES = (*BUNDLED, "tfds", "latents")  # 'latents': a VAE latent cache (latents/cache.py)
@@ -23,6 +25,69 @@ _HOLDOUT_FRACTION = 0.1  # bundled sets: the last 10% of a fixed permutation is 
 
 class DatasetNotFoundError(FileNotFoundError):
   """A configured data set is not available locally; the message says how to prepare it."""
+
+
+class BadDataError(ValueError):
+  """More unusable records than `data.max_bad_records`; the message names the last one."""
+
+
+class SkipBadRecords:
+  """A source whose unreadable or unusable records (`preprocess.image_problem`: undecodable,
+  empty, not uint8, an unconvertible channel count) are replaced by the next good record, each
+  with a warning. More than `max_bad` distinct bad records seen by this process (0: any) is a
+  `BadDataError`. The replacement depends only on the index, so resumed runs read the same data.
+  Wraps the TFDS sources; the bundled in-memory sets are checked whole when loaded.
+  """
+
+  def __init__(self, source: Any, max_bad: int):
+    self._source, self.max_bad = source, int(max_bad)
+    self.bad: set[int] = set()
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __repr__(self) -> str:
+    return repr(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    from asyncpatch_jax.data.preprocess import image_problem
+
+    n = len(self._source)
+    for k in range(n):
+      j = (int(index) + k) % n
+      try:
+        record = self._source[j]
+        problem = image_problem(record["image"])
+      except Exception as e:  # a failed read / decode of this one record
+        problem = f"unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+      if problem is None:
+        return record
+      self._count(j, problem)
+    raise BadDataError(f"no usable record in {self._source!r}")
+
+  def _count(self, index: int, problem: str) -> None:
+    with self._lock:
+      self.bad.add(index)
+      count = len(self.bad)
+    if count > self.max_bad:
+      raise BadDataError(
+          f"record {index} of {self._source!r} is {problem}; {count} bad record(s) seen, more "
+          f"than data.max_bad_records={self.max_bad}. Repair or rebuild the data set, or raise "
+          f"--config.data.max_bad_records to skip such records (each is replaced by the next "
+          f"good one)")
+    logging.warning("Skipping record %d of %r (%s): using the next record instead; %d of %d "
+                    "allowed bad records", index, self._source, problem, count, self.max_bad)
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    return [self[i] for i in indices]
+
+  def __getstate__(self) -> dict[str, Any]:  # picklable for grain worker processes
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
 
 class ArraySource:
@@ -199,8 +264,10 @@ def get_source(data_config: Any, split: str) -> Any:
     return TextureCrops(data_config.image_size, data_config.texture_crops_per_epoch,
                         scale=data_config.texture_scale, seed=data_config.seed, split=split)
   if source == "tfds":
-    return TfdsSource(data_config.tfds_name, split, data_config.tfds_data_dir or None,
-                      data_config.label_key or None)
+    return SkipBadRecords(TfdsSource(data_config.tfds_name, split,
+                                     data_config.tfds_data_dir or None,
+                                     data_config.label_key or None),
+                          int(data_config.get("max_bad_records", 0)))
   if source == "latents":  # records {'mean', 'logvar', 'label'}; `LatentPreprocess` reads them
     from asyncpatch_jax.latents import cache, prepare  # imports data.preprocess: import late
 

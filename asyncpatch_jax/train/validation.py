@@ -221,6 +221,7 @@ _FIELDS: tuple[tuple[str, str, Any, str], ...] = (
     ("data.prefetch_buffer_size", _INT, lambda v: v >= 0, ">= 0"),
     ("data.worker_count", _INT, lambda v: v >= 0, ">= 0 (0: read in this process)"),
     ("data.worker_buffer_size", _INT, lambda v: v >= 1, ">= 1"),
+    ("data.max_bad_records", _INT, lambda v: v >= 0, ">= 0 (0: stop at the first bad image)"),
     ("diffusion.schedule", _STR, None, ""),
     ("diffusion.log_snr_min", _FLOAT, None, ""),
     ("diffusion.log_snr_max", _FLOAT, None, ""),
@@ -286,7 +287,7 @@ _FIELDS: tuple[tuple[str, str, Any, str], ...] = (
     ("sampling.cfg_scale", _FLOAT, lambda v: v >= 0, ">= 0 (0: no guidance)"),
     ("sampling.input_guidance", _FLOAT, lambda v: v >= 0, ">= 0 (0: off)"),
     ("sampling.inpaint_mask", _STR, None, ""),
-    ("sampling.num_inpaint", _INT, lambda v: v >= 1, ">= 1"),
+    ("sampling.num_inpaint", _INT, lambda v: v >= 0, ">= 0 (0: no inpainting grid)"),
     ("sampling.ema", _STR, None, ""),
 )
 

@@ -184,7 +184,7 @@ _BAD_FIELDS = [
     ({"eval.num_batches": 0}, "config.eval.num_batches must be >= 1"),
     ({"sampling.strategy": "zigzag"}, "config.sampling.strategy must be one of"),
     ({"sampling.cfg_scale": -1.0}, "config.sampling.cfg_scale must be >= 0"),
-    ({"sampling.num_inpaint": 0}, "config.sampling.num_inpaint must be >= 1"),
+    ({"sampling.num_inpaint": -1}, "config.sampling.num_inpaint must be >= 0"),
     ({"diffusion.log_snr_min": 20.0}, "log_snr_min=20.0 must be below diffusion.log_snr_max"),
     ({"diffusion.patch_size": 3}, "diffusion.patch_size=3 must divide"),
     ({"diffusion.level_sampler.components.mask.weight": -0.3}, "component weights must be"),

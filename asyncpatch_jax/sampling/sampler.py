@@ -75,7 +75,11 @@ def checked_call(denoiser: Denoiser) -> Callable[[Array, Array], Prediction]:
   """`denoiser` normalised to return a `Prediction` whose shapes match `z` (checked at trace)."""
 
   def call(z: Array, levels: Array) -> Prediction:
-    pred = as_prediction(denoiser(z, levels))
+    out = denoiser(z, levels)
+    pred = as_prediction(out)
+    if not hasattr(pred.x0, "shape") or not hasattr(pred.x0, "astype"):
+      raise TypeError(f"the denoiser must return an array x0 or a Prediction, got "
+                      f"{type(out).__name__}")
     if tuple(pred.x0.shape) != tuple(z.shape):
       raise ValueError(f"the denoiser returned x0 of shape {tuple(pred.x0.shape)} for z of shape "
                        f"{tuple(z.shape)}; does the model match x_shape / patch_size?")
@@ -122,7 +126,14 @@ def prepare_known(x_shape: Sequence[int], known: Array | None, known_mask: Array
     raise ValueError(f"`known_mask` has shape {mask_shape}, which does not broadcast to the token "
                      f"grid {grid} of x_shape {x_shape} with patch_size {patch_size}{hint}")
   known = jnp.broadcast_to(jnp.asarray(known, jnp.float32), x_shape)
-  return known, jnp.broadcast_to(jnp.asarray(known_mask).astype(bool), grid)
+  known_mask = jnp.broadcast_to(jnp.asarray(known_mask).astype(bool), grid)
+  if not isinstance(known, jax.core.Tracer) and not isinstance(known_mask, jax.core.Tracer):
+    # Known tokens are copied into the output as they are: NaN / inf there would come out silently.
+    inside = np.asarray(expand_levels(known_mask.astype(jnp.float32), x_shape, patch_size)) > 0
+    if not np.isfinite(np.asarray(known)[inside]).all():
+      raise ValueError("`known` has NaN / inf values inside `known_mask`; give finite clean "
+                       "values for every known token")
+  return known, known_mask
 
 
 def _guidance_on(input_guidance: float | Array) -> bool:

@@ -91,7 +91,6 @@ def _config(**sampling):
   config.num_steps = 2
   config.checkpoint.every_steps = 1
   config.checkpoint.async_save = False
-  config.sampling.num_inpaint = 0
   config.sampling.num_samples = 2
   for key, value in sampling.items():
     config.sampling[key] = value
@@ -130,7 +129,7 @@ def workdir(tmp_path_factory):
   checkpointer = ckpt_lib.Checkpointer(path / "checkpoints", config.checkpoint)
   for step in (1, 2):
     state = state.replace(step=jnp.int32(step),
-                          params=jax.tree.map(lambda p, s=step: p + 0.01 * s, state.params))
+                          params=jax.tree.map(lambda p, s=step: p + 1e-3 * s, state.params))
     checkpointer.save(step, state, None, config)
   checkpointer.close()
   return path
@@ -339,3 +338,22 @@ def test_traced_input_guidance_compiles_once_and_zero_equals_no_guidance():
   assert not np.allclose(np.asarray(b), np.asarray(plain))
   with pytest.raises(ValueError, match=">= 0"):
     run(np.float32(-1.0))
+
+
+def test_make_sample_fn_traces_the_guidance_weights(workdir):
+  from asyncpatch_jax.train import restore
+  from asyncpatch_jax.train import samples as samples_lib
+
+  config = _config(num_steps=6)  # (with 2, the untrained x̂0 saturates at ±1 either way)
+  # The raw parameters: the EMA's zero-initialised output layer would ignore the context.
+  restored = restore.restore_params(config, workdir, ema="params")
+  fn = samples_lib.make_sample_fn(config, restored.setup, 2, inpaint=True)
+  known = np.random.default_rng(2).uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)
+  mask = masks.half(2, (8, 8))
+  outs = [np.asarray(fn(restored.params, restored.model_state, jax.random.key(0), known, mask,
+                        guidance=jnp.float32(omega), cfg_scale=jnp.float32(cfg)))
+          for omega, cfg in ((0.5, 0.0), (2.0, 0.0), (2.0, 1.5))]
+  assert fn._cache_size() == 1  # one program for every ω and CFG scale
+  assert not np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[1], outs[2])
+  for out in outs:
+    np.testing.assert_array_equal(out[:, :, :4], known[:, :, :4])

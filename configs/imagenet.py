@@ -9,7 +9,8 @@ Arguments (`--config=configs/imagenet.py:ARG[,debug]`):
   debug     shrinks any of them to run on a CPU (latent variants: a 'tiny' random VAE, 32² images).
 
 All: global batch 256, AdamW at 1e-4, EMA 0.9999, 400K steps, label dropout 0.1 for
-classifier-free guidance (`sampling.cfg_scale`, 1.5 as in DiT's FID runs).
+classifier-free guidance (`sampling.cfg_scale`, 1.5 as in DiT's FID runs), and the uncertainty
+(variance) head, so the same model also samples with the adaptive strategies.
 
 Latent variants need, once (a run without them stops at once and prints these commands):
   1. the ILSVRC2012 tars in DATA_DIR/downloads/manual, then
@@ -56,6 +57,7 @@ def get_config(arg=None):
 
   model = config.model
   model.parametrization = "eps"
+  model.uncertainty = True  # the variance head: adaptive sampling (and DiT's learned sigma)
   model.num_classes = 1000
   model.label_dropout = 0.1
   model.dropout = 0.0

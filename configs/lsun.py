@@ -6,6 +6,7 @@ Arguments (`--config=configs/lsun.py:ARG[,ARG…]`):
   unet | dit         the paper's U-Net (default) or DiT-L/2 on the 32×32×4 latents.
   pixel              ADM's 256×256 pixel U-Net on TFDS `lsun/<category>` instead of latents.
   debug              shrinks any of them to run on a CPU.
+All have the uncertainty (variance) head, so the same model also samples adaptively.
 
 Latents need, once (a run without them stops at once and prints these commands): the LMDB
 exports (`git clone https://github.com/fyu/lsun; python download.py -c church_outdoor`, unzip
@@ -57,6 +58,7 @@ def get_config(arg=None):
   model = config.model
   model.name = model_name
   model.parametrization = "eps"
+  model.uncertainty = True  # the variance head: adaptive sampling (and DiT's learned sigma)
   model.num_classes = 0
   if model_name == "dit":
     model.dit_size = "L"

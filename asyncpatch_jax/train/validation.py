@@ -153,9 +153,6 @@ def _validate_latents(config: Any) -> None:
   _require(int(config.eval.elbo_steps) == 0,
            "eval.elbo_steps (bits/dim with the 8-bit pixel decoder) is undefined on latents; "
            "set it to 0 for data.source='latents'")
-  _require(int(config.eval.get("fid_samples", 0)) == 0,
-           "eval.fid_samples: FID of a latent run needs decoded samples, which evaluation does "
-           "not do; set it to 0 for data.source='latents'")
 
 
 def validate_topology(config: Any, devices: list[jax.Device] | None = None) -> tuple[int, int]:

@@ -56,8 +56,12 @@ def _fingerprints(tree: Any) -> Any:
   """Per array: Σ_i bits_i · (2i + 1) mod 2³², which changes whenever any one element's bits
   change (odd weights are invertible mod 2³²), independent of how the array is sharded."""
   def one(x):
-    u = _as_uint32(jnp.asarray(x)).reshape(-1)
-    return jnp.sum(u * (2 * jnp.arange(u.size, dtype=jnp.uint32) + 1), dtype=jnp.uint32)
+    u = _as_uint32(jnp.asarray(x))
+    index, stride = jnp.zeros(u.shape, jnp.uint32), 1  # row-major position, without a reshape
+    for axis in reversed(range(u.ndim)):                # (which could regather a sharded array)
+      index = index + jax.lax.broadcasted_iota(jnp.uint32, u.shape, axis) * jnp.uint32(stride)
+      stride = stride * u.shape[axis] % 2**32
+    return jnp.sum(u * (2 * index + 1), dtype=jnp.uint32)
   return jax.tree.map(one, tree)
 
 

@@ -157,3 +157,46 @@ def test_cache_of_a_different_resolution_is_refused(prepared):
   config.data.image_size = 64  # the caches hold 32² images
   with pytest.raises(cache_lib.LatentCacheMismatchError, match="resolution: cache 32, run 64"):
     data_lib.get_source(config.data, "train")
+
+
+def test_eval_mode_fid_decodes_latents_against_the_encoded_images(prepared, monkeypatch):
+  """--mode=eval on a latent run: decoded samples against the TFDS images the cache encoded."""
+  import tempfile
+
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from asyncpatch_jax import evaluation
+  from asyncpatch_jax.train import evaluate
+
+  config, root = prepared
+  config = config.copy_and_resolve_references()
+  workdir = root / "run"
+  if not (workdir / "checkpoints").exists():  # run alone: train the 4 steps first
+    trainer.train_and_evaluate(config, workdir)
+  seen = []
+
+  class Features(nnx.Module):  # a stand-in for Inception: records its inputs' shapes
+    def __init__(self):
+      self.dense = nnx.Linear(3, 8, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      seen.append(x.shape)
+      return jnp.tanh(self.dense(x[:, ::20, ::20].mean((1, 2))))
+
+  class Extractor(evaluation.FeatureExtractor):
+    def __init__(self, mesh=None, **kwargs):
+      super().__init__(model=Features(), mesh=mesh, **kwargs)
+
+  monkeypatch.setattr(evaluation, "FeatureExtractor", Extractor)
+  monkeypatch.setattr(tempfile, "tempdir", str(root))
+  config.eval.fid_samples, config.eval.fid_batch_size = 6, 4
+  config.eval.fid_split = "validation"
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    results = evaluate.evaluate(config, workdir)
+  assert results["eval/num_samples"] == 6 and np.isfinite(results["eval/fid"])
+  assert all(shape[1:] == (299, 299, 3) for shape in seen)
+  cached = list((workdir / "fid_cache").iterdir())
+  assert len(cached) == 1 and "validation-32" in cached[0].name
+  with np.load(cached[0]) as reference:
+    assert int(reference["count"]) == NUM_EXAMPLES  # every image of the split

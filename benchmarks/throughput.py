@@ -4,8 +4,8 @@ On whatever backend JAX runs on, for one network (U-Net or DiT) this measures:
 
   - the train step of `asyncpatch_jax/train/step.py` (built from `configs.base.get_config()` with
     overrides, jitted and donated as the trainer does): compile time, images/s, FLOPs per step
-    from XLA's cost analysis and MFU (given a peak: `--peak_tflops`, default 989 for H100/H200
-    in bf16, else none);
+    from the model's analytic count (DiT) and XLA's cost analysis, and MFU against the device's
+    bf16 peak (`asyncpatch_jax/train/perf.py`'s table, or `--peak_tflops`; none on CPUs);
   - the cost of asynchrony: the same train step with the recipe's per-token level maps vs
     homogeneous maps (the level sampler 'homogeneous'), and the network's forward and
     forward+backward with a per-token map `[B, h, w]` vs one level per image `[B]`;
@@ -14,7 +14,16 @@ On whatever backend JAX runs on, for one network (U-Net or DiT) this measures:
     passes;
   - peak memory (device `memory_stats()` where available, else the process's max RSS);
   - optionally (`--torch`) the official PyTorch DiT's train step (`benchmarks/torch_dit.py`) on
-    the same batch on the CPU, and the ratio of images/s.
+    the same batch on the CPU, timed alternately with ours (step for step, so both see the same
+    machine load), and the ratio of images/s;
+  - the compile time of the train step of a narrow DiT at depth 12 and 28, blocks unrolled vs
+    `model.scan_layers` (part `scan_compile`).
+
+The speed options of the networks are flags: `--dtype bfloat16`, `--remat`, `--scan_layers`,
+`--attention_impl`. On an accelerator, e.g. DiT-B/2 on 256×256 images' latents (32×32×4):
+
+    python benchmarks/throughput.py --model dit --dit_size B --dit_patch 2 --image_size 32 \
+        --channels 4 --batch 256 --dtype bfloat16 --steps 10 --skip scan_compile
 
 Wall time and process CPU time (`time.process_time`, all threads) are both recorded: on a shared,
 loaded machine wall time depends on other jobs; CPU time much less so. Results are added to
@@ -51,11 +60,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from asyncpatch_jax import models, sampling
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
+from asyncpatch_jax.train import perf
 from asyncpatch_jax.train import state as state_lib
 from asyncpatch_jax.train import step as step_lib
 from configs import base
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+PARTS = ("train", "asynchrony", "sampling", "scan_compile")
 
 
 def parse_args(argv):
@@ -72,12 +82,16 @@ def parse_args(argv):
   parser.add_argument("--steps", type=int, default=3, help="timed calls per case after warm-up")
   parser.add_argument("--sample_steps", type=int, default=16, help="sampler steps (NFE)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--peak_tflops", type=float, default=None,
-                      help="the device's peak TFLOP/s for MFU (default: H100/H200 bf16 989)")
+  parser.add_argument("--remat", default="", help="model.remat ('' off, 'full', "
+                      "'dots_saveable', 'dots_with_no_batch_dims_saveable')")
+  parser.add_argument("--scan_layers", action="store_true", help="model.scan_layers (DiT)")
+  parser.add_argument("--attention_impl", default=None, choices=(None, "xla", "cudnn"),
+                      help="jax.nn.dot_product_attention implementation (default: JAX picks)")
+  parser.add_argument("--peak_tflops", type=float, default=0.0,
+                      help="the device's peak TFLOP/s for MFU (0: train/perf.py's table)")
   parser.add_argument("--torch", action="store_true",
                       help="also time the official PyTorch DiT's train step (CPU) side by side")
-  parser.add_argument("--skip", default="", help="comma list of parts to skip: "
-                      "train,asynchrony,sampling")
+  parser.add_argument("--skip", default="", help=f"comma list of parts to skip: {PARTS}")
   parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
   parser.add_argument("--out", default="", help="JSON path (default results/throughput_<backend>"
                       ".json)")
@@ -93,6 +107,9 @@ def make_config(args, level_sampler: str = "recipe") -> ml_collections.ConfigDic
     model.dtype = args.dtype
     model.num_classes = args.num_classes
     model.dropout = 0.0 if args.quick else model.dropout
+    model.remat = args.remat
+    model.scan_layers = bool(args.scan_layers and args.model == "dit")
+    model.attention_impl = args.attention_impl
     if args.model == "dit":
       model.dit_size = args.dit_size
       model.dit_patch = args.dit_patch
@@ -116,18 +133,27 @@ def log(message: str) -> None:
   print(f"[throughput {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def timed(fn, reps: int, warmup: int = 1) -> dict[str, float]:
-  """Median/min wall seconds and median process CPU seconds of `fn()` (blocked) after warm-up."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  wall, cpu = [], []
+def timed_interleaved(fns: dict, reps: int, warmup: int = 1) -> dict[str, dict[str, float]]:
+  """Median/min wall seconds and median process CPU seconds of each `fns[name]()` (blocked)
+  after warm-up, the functions taking turns call by call (a shared machine's load then weighs
+  on all of them alike)."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  wall = {name: [] for name in fns}
+  cpu = {name: [] for name in fns}
   for _ in range(reps):
-    start, start_cpu = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn())
-    wall.append(time.perf_counter() - start)
-    cpu.append(time.process_time() - start_cpu)
-  return {"wall_s": statistics.median(wall), "wall_min_s": min(wall),
-          "cpu_s": statistics.median(cpu)}
+    for name, fn in fns.items():
+      start, start_cpu = time.perf_counter(), time.process_time()
+      jax.block_until_ready(fn())
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - start_cpu)
+  return {name: {"wall_s": statistics.median(wall[name]), "wall_min_s": min(wall[name]),
+                 "cpu_s": statistics.median(cpu[name])} for name in fns}
+
+
+def timed(fn, reps: int, warmup: int = 1) -> dict[str, float]:
+  return timed_interleaved({"fn": fn}, reps, warmup)["fn"]
 
 
 def compile_timed(jitted, *args):
@@ -135,18 +161,6 @@ def compile_timed(jitted, *args):
   lowered = jitted.lower(*args)
   compiled = lowered.compile()
   return compiled, time.perf_counter() - start
-
-
-def cost_flops(compiled) -> float | None:
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:
-    return None
-  if isinstance(analysis, list | tuple):
-    analysis = analysis[0] if analysis else None
-  if not analysis or "flops" not in analysis:
-    return None
-  return float(analysis["flops"])
 
 
 def peak_memory() -> dict[str, float | str]:
@@ -161,15 +175,6 @@ def peak_memory() -> dict[str, float | str]:
   return {"peak_bytes": rss, "source": "process max RSS"}
 
 
-def default_peak_tflops(dtype: str) -> float | None:
-  kind = jax.devices()[0].device_kind
-  if dtype == "bfloat16":
-    for name, peak in PEAK_BF16_TFLOPS.items():
-      if name in kind:
-        return peak
-  return None
-
-
 def fake_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   b, s, c = int(config.data.batch_size), int(config.data.image_size), int(config.data.channels)
@@ -178,8 +183,9 @@ def fake_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   return batch
 
 
-def train_step_case(config, reps: int, peak: float | None) -> dict:
-  """Compiles and times the real train step (state donated) on a synthetic batch."""
+def prepare_train_step(config):
+  """The real train step (state donated), compiled on a synthetic batch: `(run, info)` with
+  `run()` one step and `info` its compile time and FLOP counts."""
   mesh = mesh_lib.make_mesh(config.mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   tx = opt_lib.make_optimizer(config.optimizer, int(config.num_steps))
@@ -189,22 +195,30 @@ def train_step_case(config, reps: int, peak: float | None) -> dict:
   jitted = step_lib.jit_train_step(step_lib.make_train_step(config, setup), setup,
                                    batch_sharding)
   compiled, compile_s = compile_timed(jitted, state, batch)
-  flops = cost_flops(compiled)
+  model = setup.model_def.merge(setup.abstract.params, setup.abstract.model_state)
   holder = [state]
 
   def run():
     holder[0], metrics = compiled(holder[0], batch)
     return metrics
 
-  t = timed(run, reps)
-  images = int(config.data.batch_size)
-  out = {"compile_s": compile_s, **t, "images_per_s": images / t["wall_s"],
-         "images_per_cpu_s": images / t["cpu_s"] if t["cpu_s"] > 0 else None,
-         "flops_per_step": flops, "params": state_lib.num_params(holder[0].params)}
+  return run, {"compile_s": compile_s, "params": state_lib.num_params(state.params),
+               "batch": int(config.data.batch_size),
+               "model_flops_per_step": perf.model_train_flops(model,
+                                                              int(config.data.batch_size)),
+               "xla_flops_per_step": perf.compiled_flops(compiled)}
+
+
+def train_result(info: dict, t: dict, peak: float | None) -> dict:
+  """Images/s, TFLOP/s and MFU (model FLOPs where the network has an analytic count, else
+  XLA's; one device)."""
+  images = info["batch"]
+  out = {**info, **t, "images_per_s": images / t["wall_s"],
+         "images_per_cpu_s": images / t["cpu_s"] if t["cpu_s"] > 0 else None}
+  flops = info["model_flops_per_step"] or info["xla_flops_per_step"]
   if flops:
     out["tflops_per_s"] = flops / t["wall_s"] / 1e12
-    if peak:
-      out["mfu"] = out["tflops_per_s"] / peak
+    out["mfu"] = perf.mfu(flops, t["wall_s"], peak)
   return out
 
 
@@ -247,7 +261,7 @@ def asynchrony_cases(config, reps: int) -> dict:
   out = {}
   for name, (fn, t) in cases.items():
     compiled, compile_s = compile_timed(jax.jit(fn), params, t)
-    out[name] = {"compile_s": compile_s, "flops": cost_flops(compiled),
+    out[name] = {"compile_s": compile_s, "flops": perf.compiled_flops(compiled),
                  **timed(lambda compiled=compiled, t=t: compiled(params, t), reps)}
     out[name]["images_per_s"] = b / out[name]["wall_s"]
   return out
@@ -282,8 +296,9 @@ def sampling_case(config, args, reps: int, forward_hom_s: float | None) -> dict:
   return out
 
 
-def torch_case(args, reps: int) -> dict:
-  """The official PyTorch DiT's train step (benchmarks/torch_dit.py) on the same batch."""
+def prepare_torch(args):
+  """The official PyTorch DiT's train step (benchmarks/torch_dit.py) on the same batch size:
+  `(run, info)`."""
   import torch
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -300,18 +315,31 @@ def torch_case(args, reps: int) -> dict:
   step = torch_dit.make_train_step(model)
   x = torch.randn(args.batch, args.channels, args.image_size, args.image_size)
   y = torch.randint(0, args.num_classes, (args.batch,))
-  step(x, y)
-  wall, cpu = [], []
-  for _ in range(reps):
-    start, start_cpu = time.perf_counter(), time.process_time()
-    step(x, y)
-    wall.append(time.perf_counter() - start)
-    cpu.append(time.process_time() - start_cpu)
-  t = {"wall_s": statistics.median(wall), "wall_min_s": min(wall),
-       "cpu_s": statistics.median(cpu)}
+  return (lambda: step(x, y)), {"threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def torch_result(args, info: dict, t: dict) -> dict:
   return {**t, "images_per_s": args.batch / t["wall_s"],
-          "images_per_cpu_s": args.batch / t["cpu_s"] if t["cpu_s"] > 0 else None,
-          "threads": torch.get_num_threads(), "torch": torch.__version__}
+          "images_per_cpu_s": args.batch / t["cpu_s"] if t["cpu_s"] > 0 else None, **info}
+
+
+def scan_compile_cases(args, depths=(12, 28)) -> dict:
+  """Compile time of the train step for a narrow DiT (hidden 64, 2 heads) at each depth, blocks
+  unrolled vs scanned: a scanned DiT compiles one block whatever its depth."""
+  out = {}
+  for depth in depths:
+    for scan in (False, True):
+      config = make_config(args)
+      with config.unlocked():
+        config.model.name = "dit"
+        config.model.update(dit_hidden_size=64, dit_num_heads=2, dit_depth=depth,
+                            scan_layers=scan)
+        config.diffusion.patch_size = args.dit_patch
+      log(f"compile: depth {depth}, {'scan' if scan else 'unrolled'}")
+      _, info = prepare_train_step(config)
+      out[f"depth {depth}, {'scan_layers' if scan else 'unrolled'}"] = {
+          "compile_s": info["compile_s"], "params": info["params"]}
+  return out
 
 
 def write_json(path: str, key: str, entry: dict) -> None:
@@ -341,7 +369,7 @@ def table(entry: dict) -> str:
           "|---|---|---|---|---|---|---|"]
 
   def row(name, r):
-    flops = r.get("flops_per_step", r.get("flops"))
+    flops = r.get("model_flops_per_step") or r.get("xla_flops_per_step") or r.get("flops")
     rows.append(f"| {name} | {fmt(r.get('images_per_s'))} | {fmt(r['wall_s'], '.3f')} | "
                 f"{fmt(r['cpu_s'], '.3f')} | {fmt(r.get('compile_s'), '.1f')} | "
                 f"{fmt(None if flops is None else flops / 1e9, '.1f')} | "
@@ -355,12 +383,17 @@ def table(entry: dict) -> str:
     r = entry["sampling"]
     row(f"sampling loop ({r['nfe']} NFE; {r['nfe_per_s']:.2f} NFE/s)", r)
   if "torch" in entry:
-    row(f"PyTorch DiT train step (torch {entry['torch']['torch']})", entry["torch"])
+    row(f"PyTorch DiT train step (torch {entry['torch']['torch']}, alternating with ours)",
+        entry["torch"])
   lines = rows
+  if "scan_compile" in entry:
+    lines += ["", "| train-step compile, DiT hidden 64 | compile s |", "|---|---|"]
+    lines += [f"| {name} | {r['compile_s']:.1f} |" for name, r in entry["scan_compile"].items()]
   for name, value in entry.get("summary", {}).items():
     lines.append(f"\n- {name}: {fmt(value, '.3f')}")
   lines.append(f"\n- peak memory: {entry['memory']['peak_bytes'] / 2**30:.2f} GiB "
-               f"({entry['memory']['source']})")
+               f"({entry['memory']['source']}); load average before / after: "
+               f"{entry['load_avg'][0]:.1f} / {entry.get('load_avg_after', [0])[0]:.1f}")
   lines.append("- wall time depends on other jobs on a shared machine; CPU time is the process's "
                "(all threads), images/s use wall time")
   return "\n".join(lines)
@@ -375,11 +408,16 @@ def main(argv=None) -> dict:
   skip = {w.strip() for w in args.skip.split(",") if w.strip()}
   backend = jax.default_backend()
   device = jax.devices()[0]
-  peak = args.peak_tflops or default_peak_tflops(args.dtype)
+  peak = perf.peak_tflops(device, args.peak_tflops)
   name = ("dit-" + f"{args.dit_size}/{args.dit_patch}" if args.model == "dit" else "unet")
   if args.quick:
     name += "-quick"
   key = f"{name} {args.image_size}x{args.image_size}x{args.channels} b{args.batch} {args.dtype}"
+  key += "".join(f" {flag}" for flag in (args.remat and f"remat={args.remat}",
+                                         args.scan_layers and "scan_layers",
+                                         args.attention_impl and f"attn={args.attention_impl}")
+                 if flag)
+  out = args.out or os.path.join("results", f"throughput_{backend}.json")
   entry: dict = {"config": {k: v for k, v in vars(args).items()},
                  "backend": backend, "device_kind": device.device_kind,
                  "num_devices": jax.device_count(), "peak_tflops": peak,
@@ -388,22 +426,31 @@ def main(argv=None) -> dict:
                  "note": "wall_s is wall-clock; cpu_s is time.process_time (all threads); the "
                          "machine may be shared"}
   if "train" not in skip:
-    log("train step, per-token level maps")
-    entry["train"] = {"per-token (recipe)": train_step_case(make_config(args), args.steps, peak)}
-    log("train step, homogeneous level maps")
-    entry["train"]["homogeneous"] = train_step_case(make_config(args, "homogeneous"),
-                                                    args.steps, peak)
+    log("compiling the train step: per-token and homogeneous level maps")
+    runs, infos = {}, {}
+    for case, sampler in (("per-token (recipe)", "recipe"), ("homogeneous", "homogeneous")):
+      runs[case], infos[case] = prepare_train_step(make_config(args, sampler))
+    if args.torch:
+      runs["torch"], infos["torch"] = prepare_torch(args)
+    log(f"timing {', '.join(runs)} in turn, {args.steps} steps each")
+    times = timed_interleaved(runs, args.steps)
+    entry["train"] = {case: train_result(infos[case], times[case], peak)
+                      for case in runs if case != "torch"}
+    if args.torch:
+      entry["torch"] = torch_result(args, infos["torch"], times["torch"])
+    write_json(out, key, {**entry, "partial": True})
   forward_hom_s = None
   if "asynchrony" not in skip:
     log("forward and fwd+bwd: per-token map vs one level per image")
     entry["asynchrony"] = asynchrony_cases(make_config(args), args.steps)
     forward_hom_s = entry["asynchrony"]["forward, homogeneous map (eval: scalar path)"]["wall_s"]
+    write_json(out, key, {**entry, "partial": True})
   if "sampling" not in skip:
     log(f"sampling loop ({args.sample_steps} steps)")
     entry["sampling"] = sampling_case(make_config(args), args, args.steps, forward_hom_s)
-  if args.torch:
-    log("PyTorch DiT train step")
-    entry["torch"] = torch_case(args, args.steps)
+  if "scan_compile" not in skip:
+    depths = (2, 4) if args.quick else (12, 28)
+    entry["scan_compile"] = scan_compile_cases(args, depths)
   summary = {}
   if "train" in entry:
     tr = entry["train"]
@@ -428,9 +475,15 @@ def main(argv=None) -> dict:
                                                     / entry["torch"]["images_per_s"])
     summary["ours / PyTorch DiT images per CPU-second"] = (
         ours["images_per_cpu_s"] / entry["torch"]["images_per_cpu_s"])
+  if "scan_compile" in entry:
+    c = entry["scan_compile"]
+    for kind in ("unrolled", "scan_layers"):
+      summary[f"compile depth {depths[1]} / depth {depths[0]}, {kind}"] = (
+          c[f"depth {depths[1]}, {kind}"]["compile_s"] / c[f"depth {depths[0]}, {kind}"]
+          ["compile_s"])
   entry["summary"] = summary
   entry["memory"] = peak_memory()
-  out = args.out or os.path.join("results", f"throughput_{backend}.json")
+  entry["load_avg_after"] = list(os.getloadavg())
   write_json(out, key, entry)
   print(f"\n### {key} on {backend} ({device.device_kind}), {args.steps} timed steps\n")
   print(table(entry))

@@ -131,6 +131,9 @@ def defaults() -> ml_collections.ConfigDict:
       "log_every_steps": 100,
       "profile": False,               # capture a CLU profile (TensorBoard) after warm-up
       "parameter_overview": True,
+      # Peak TFLOP/s per device for the logged MFU; 0: from train/perf.py's device table
+      # (accelerators; on CPUs and unknown devices no MFU is logged).
+      "peak_tflops": 0.0,
   })
 
   config.eval = ml_collections.ConfigDict({

@@ -27,7 +27,7 @@ def test_throughput_quick(tmp_path):
   out = tmp_path / "throughput.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   argv = [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--quick",
-          "--out", str(out)] + (["--torch"] if torch_available else [])
+          "--skip", "scan_compile", "--out", str(out)] + (["--torch"] if torch_available else [])
   start = time.perf_counter()
   proc = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
   elapsed = time.perf_counter() - start
@@ -39,7 +39,9 @@ def test_throughput_quick(tmp_path):
   entry = next(iter(data.values()))
   for case in entry["train"].values():
     assert case["images_per_s"] > 0 and case["compile_s"] > 0 and case["cpu_s"] >= 0
-    assert case["flops_per_step"] is None or case["flops_per_step"] > 0
+    # The DiT's analytic count agrees with XLA's (matmuls + attention vs every op).
+    assert 0.9 < case["model_flops_per_step"] / case["xla_flops_per_step"] < 1.1
+    assert case["mfu"] is None  # no peak for a CPU
   assert len(entry["asynchrony"]) == 5
   assert entry["sampling"]["nfe"] == 2 and entry["sampling"]["nfe_per_s"] > 0
   assert entry["memory"]["peak_bytes"] > 0

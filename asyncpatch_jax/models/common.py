@@ -7,18 +7,28 @@ level for every token) and integer `labels: [B]` (the null class is `num_classes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from asyncpatch_jax.diffusion.parametrization import log_x0_error_scale
 from asyncpatch_jax.diffusion.schedules import Schedule
 
 Array = jax.Array
 DTYPES = ("float32", "bfloat16")
+# Rematerialisation of each block in the backward pass: what its forward keeps for the gradient.
+# 'full': only the block's input (the whole block is recomputed); 'dots_saveable': matmul outputs
+# (elementwise work is recomputed); 'dots_with_no_batch_dims_saveable': those of the weight
+# matmuls only (attention scores are recomputed). '' keeps everything (no recomputation).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 class ModelOutput(NamedTuple):
@@ -38,6 +48,24 @@ def resolve_dtype(dtype: str) -> jnp.dtype:
   if str(dtype) not in DTYPES:
     raise ValueError(f"unknown model dtype {dtype!r}; choose one of {DTYPES}")
   return jnp.dtype(str(dtype))
+
+
+def check_remat(remat: str) -> str:
+  if remat and remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown model.remat {remat!r}; choose '' (off) or one of "
+                     f"{sorted(REMAT_POLICIES)}")
+  return str(remat or "")
+
+
+def rematerialised(fn: Callable, remat: str, *, prevent_cse: bool = True) -> Callable:
+  """`fn` (taking a block module first) under `nnx.remat` with the named policy; '' → `fn`.
+
+  `prevent_cse=False` is right inside `scan` (the loop already keeps XLA from merging the
+  recomputation into the forward pass) and faster.
+  """
+  if not check_remat(remat):
+    return fn
+  return nnx.remat(fn, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse)
 
 
 def spatial_grid(data_shape: Sequence[int], patch: int, what: str) -> tuple[int, ...]:

@@ -8,6 +8,11 @@ token's shift/scale/gate come from its own noise level. Scalar levels `t: [B]` g
 
 Per-token modulation done densely costs ~1.5× DiT's FLOPs; see `slots.py` for how the same
 function is computed once per distinct level instead (`level_slots` = K), with a dense fallback.
+
+Training options that change speed and memory, not the function: `remat` (recompute each block
+in the backward pass under a `jax.checkpoint` policy) and `scan_layers` (the blocks' parameters
+stacked on a leading depth axis and run by `nnx.scan`, so a deep DiT compiles one block instead
+of `depth`; the parameter tree, and so checkpoints, differ from the unrolled model's).
 """
 
 from __future__ import annotations
@@ -147,6 +152,27 @@ class DiTBlock(nnx.Module):
     return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
+def _run_block(block: DiTBlock, x: Array, cond: Conditioning) -> Array:
+  return block(x, cond)
+
+
+def stack_blocks(blocks: Sequence[nnx.Module]) -> nnx.Module:
+  """Modules of one structure → one module whose every array has a leading `len(blocks)` axis.
+
+  Stacking the blocks the unrolled model would build keeps their initialisation identical.
+  """
+  graphdef, *_ = nnx.split(blocks[0])
+  states = [nnx.state(b) for b in blocks]
+  return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+
+
+def unstack_blocks(stacked: nnx.Module) -> list[nnx.Module]:
+  """The inverse of `stack_blocks`: the per-layer modules of a stacked one."""
+  graphdef, state = nnx.split(stacked)
+  depth = jax.tree.leaves(state)[0].shape[0]
+  return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(depth)]
+
+
 class FinalLayer(nnx.Module):
   def __init__(self, dim: int, out_features: int, *, dtype, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(dim, epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype,
@@ -171,6 +197,8 @@ class DiT(nnx.Module):
     patch_size: the DiT patch `p`.
     level_slots: K, the distinct levels per example handled by the slot path at inference
       (`deterministic=True`, see `__call__`); 0 always takes the dense per-token path.
+    remat: '' or a `common.REMAT_POLICIES` name, applied to every block.
+    scan_layers: run the blocks as one `nnx.scan` over stacked parameters.
   """
 
   def __init__(self, *, data_shape: Sequence[int], level_patch_size: int, patch_size: int = 2,
@@ -178,8 +206,11 @@ class DiT(nnx.Module):
                mlp_ratio: float = 4.0, num_classes: int = 0, uncertainty: bool = False,
                parametrization: str = "eps", level_embedding: str = "t",
                schedule: Schedule | None = None, level_slots: int = 8, dtype: str = "float32",
-               attention_impl: str | None = None, rngs: nnx.Rngs):
+               attention_impl: str | None = None, remat: str = "", scan_layers: bool = False,
+               rngs: nnx.Rngs):
     check_parametrization(parametrization)
+    self.remat = common.check_remat(remat)
+    self.scan_layers = bool(scan_layers)
     self.data_shape = tuple(int(d) for d in data_shape)
     self.grid = common.spatial_grid(self.data_shape, patch_size, "DiT patch size")
     self.level_grid = common.spatial_grid(self.data_shape, level_patch_size, "level patch size")
@@ -203,8 +234,11 @@ class DiT(nnx.Module):
     self.schedule = schedule
     self.level_slots = int(level_slots)
     self.num_tokens = int(np.prod(self.grid))
+    self.depth = int(depth)
+    self.mlp_hidden = int(hidden_size * mlp_ratio)
     out_channels = 2 * self.channels if uncertainty else self.channels
     n = len(self.grid)
+    self.out_features = patch_size**n * out_channels
 
     self.patch_embed = nnx.Linear(patch_size**n * self.channels, hidden_size,
                                   kernel_init=_xavier, dtype=compute_dtype, rngs=rngs)
@@ -212,12 +246,34 @@ class DiT(nnx.Module):
                                       dtype=compute_dtype, init_std=0.02, rngs=rngs)
     self.class_embed = (ClassEmbedding(num_classes, hidden_size, dtype=compute_dtype, rngs=rngs)
                         if num_classes else None)
-    self.blocks = nnx.List([
-        DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=compute_dtype,
-                 attention_impl=attention_impl, rngs=rngs) for _ in range(depth)])
-    self.final = FinalLayer(hidden_size, patch_size**n * out_channels, dtype=compute_dtype,
-                            rngs=rngs)
+    if depth < 1:
+      raise ValueError(f"DiT depth must be >= 1, got {depth}")
+    blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=compute_dtype,
+                       attention_impl=attention_impl, rngs=rngs) for _ in range(depth)]
+    self.blocks = stack_blocks(blocks) if self.scan_layers else nnx.List(blocks)
+    self.final = FinalLayer(hidden_size, self.out_features, dtype=compute_dtype, rngs=rngs)
     self.compute_dtype = compute_dtype
+
+  def forward_flops(self, *, per_token: bool = True) -> float:
+    """Analytic FLOPs of one example's forward pass (2 per multiply-add; matmuls and attention).
+
+    `per_token=True` counts the dense per-token conditioning (training's path: every token's
+    adaLN rows), False one conditioning row per example (DiT with scalar levels). Normalisation,
+    activations and softmax are left out, as in DiT's and the usual MFU counts.
+    """
+    n, d, h = self.num_tokens, self.hidden_size, self.mlp_hidden
+    rows = n if per_token else 1
+    block = n * (4 * d * d + 2 * d * h) + 2 * n * n * d + rows * 6 * d * d
+    embed = n * self.patch_embed.in_features * d
+    embed += rows * (self.level_embed.frequency_dim * d + d * d)
+    embed += (self.num_classes + 1) * d if self.num_classes else 0
+    final = rows * 2 * d * d + n * d * self.out_features
+    return 2.0 * (self.depth * block + embed + final)
+
+  def train_flops(self, batch_size: int) -> float:
+    """Analytic FLOPs of a train step on `batch_size` examples: forward + backward ≈ 3 forwards
+    (per-token conditioning; rematerialised recomputation not counted, as MFU defines it)."""
+    return 3.0 * batch_size * self.forward_flops(per_token=True)
 
   # The three ways to build the conditioning; all give SiLU(emb(t_i) + emb(y)) per token.
   def scalar_conditioning(self, t: Array, y: Array | None) -> Conditioning:
@@ -245,8 +301,13 @@ class DiT(nnx.Module):
     x = self.patch_embed(patchify(z.astype(self.compute_dtype), self.patch_size))
     pos = sincos_position_embedding(self.grid, self.hidden_size)
     x = x + jnp.asarray(pos, x.dtype)
-    for block in self.blocks:
-      x = block(x, cond)
+    if self.scan_layers:
+      body = common.rematerialised(_run_block, self.remat, prevent_cse=False)
+      x = nnx.scan(body, in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)(self.blocks, x, cond)
+    else:
+      body = common.rematerialised(_run_block, self.remat)
+      for block in self.blocks:
+        x = body(block, x, cond)
     return self.final(x, cond)
 
   def __call__(self, z: Array, t: Array, labels: Array | None = None, *,

@@ -25,7 +25,13 @@ def default_config() -> ml_collections.ConfigDict:
   config.level_embedding = "t"  # sinusoid of 't' or of 'log_snr' (schedule-independent)
   config.level_slots = 8  # K distinct levels per example on the fast path at inference; 0: off
   config.dtype = "float32"  # compute dtype ('bfloat16' on accelerators); params stay float32
-  config.attention_impl = ml_collections.config_dict.placeholder(str)  # jax.nn attention impl
+  # jax.nn.dot_product_attention's implementation: None picks cuDNN flash attention on GPUs
+  # where it applies (bf16/fp16), else XLA; or 'xla' / 'cudnn' to force one.
+  config.attention_impl = ml_collections.config_dict.placeholder(str)
+  # Recompute each block in the backward pass: '' (off), 'full', 'dots_saveable' or
+  # 'dots_with_no_batch_dims_saveable' (what is kept; see models/common.py). Saves memory.
+  config.remat = ""
+  config.scan_layers = False  # DiT: one nnx.scan over stacked blocks (fast compile when deep)
 
   # U-Net (ADM-style).
   config.channels = 128
@@ -63,10 +69,13 @@ def _common_kwargs(config: ml_collections.ConfigDict, data_shape, level_patch_si
               num_classes=int(config.num_classes), uncertainty=bool(config.uncertainty),
               parametrization=config.parametrization, level_embedding=config.level_embedding,
               schedule=schedule, level_slots=int(config.level_slots), dtype=config.dtype,
-              attention_impl=config.attention_impl, rngs=rngs)
+              attention_impl=config.attention_impl, remat=str(config.remat), rngs=rngs)
 
 
 def build_unet(config, *, data_shape, level_patch_size, schedule, rngs) -> UNet:
+  if config.scan_layers:
+    raise ValueError("model.scan_layers applies to the DiT only (the U-Net's blocks differ in "
+                     "shape); set model.scan_layers=False")
   return UNet(channels=int(config.channels), channel_mult=tuple(config.channel_mult),
               num_res_blocks=int(config.num_res_blocks),
               attention_resolutions=tuple(config.attention_resolutions),
@@ -88,7 +97,7 @@ def dit_dimensions(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def build_dit(config, *, data_shape, level_patch_size, schedule, rngs) -> DiT:
   hidden, depth, heads = dit_dimensions(config)
   return DiT(patch_size=int(config.dit_patch), hidden_size=hidden, depth=depth, num_heads=heads,
-             mlp_ratio=float(config.dit_mlp_ratio),
+             mlp_ratio=float(config.dit_mlp_ratio), scan_layers=bool(config.scan_layers),
              **_common_kwargs(config, data_shape, level_patch_size, schedule, rngs))
 
 

@@ -12,7 +12,8 @@ at the level map's resolution, not the pixels'). Scalar levels `t: [B]` give ADM
 Blocks follow ADM (Dhariwal & Nichol 2021): [GroupNorm, SiLU, conv] → FiLM → [SiLU, dropout,
 zero-init conv] + skip; attention blocks at chosen resolutions; strided-conv downsampling and
 nearest + conv upsampling; the output conv is zero-initialised, so the prediction starts at 0.
-The same code runs 1-D (`[B, L, C]`) and 2-D (`[B, H, W, C]`) data.
+The same code runs 1-D (`[B, L, C]`) and 2-D (`[B, H, W, C]`) data. `remat` recomputes every
+residual(+attention) block in the backward pass under a `jax.checkpoint` policy (less memory).
 
 Like the DiT, at inference the FiLM parameters are computed once per distinct level (`slots.py`)
 and mixed by each position's pooled slot weights, which is the same function at a fraction of the
@@ -169,6 +170,7 @@ class UNet(nnx.Module):
       level i, each spatial size halved between levels.
     attention_resolutions: spatial sizes (along the first spatial axis) that get attention.
     level_slots: K, distinct levels per example for the slot path at inference (0: dense only).
+    remat: '' or a `common.REMAT_POLICIES` name, applied to every residual(+attention) block.
   """
 
   def __init__(self, *, data_shape: Sequence[int], level_patch_size: int = 1,
@@ -178,8 +180,9 @@ class UNet(nnx.Module):
                num_classes: int = 0, uncertainty: bool = False, parametrization: str = "eps",
                level_embedding: str = "t", schedule: Schedule | None = None,
                level_slots: int = 8, dtype: str = "float32", attention_impl: str | None = None,
-               rngs: nnx.Rngs):
+               remat: str = "", rngs: nnx.Rngs):
     check_parametrization(parametrization)
+    self.remat = common.check_remat(remat)
     self.data_shape = tuple(int(d) for d in data_shape)
     self.level_grid = common.spatial_grid(self.data_shape, level_patch_size, "level patch size")
     num_levels = len(channel_mult)
@@ -285,16 +288,18 @@ class UNet(nnx.Module):
 
   def forward(self, z: Array, conds: Sequence[SpatialCondition], deterministic: bool) -> Array:
     """The U-Net on `z` under given conditioning → `[B, *spatial, C_out]`."""
+    block = common.rematerialised(
+        lambda layer, h: layer(h, conds, deterministic), self.remat)
     h = self.input_conv(z.astype(self.compute_dtype))
     skips = [h]
     for layer in self.encoder:
-      h = layer(h, conds, deterministic) if isinstance(layer, ResAttn) else layer(h)
+      h = block(layer, h) if isinstance(layer, ResAttn) else layer(h)
       skips.append(h)
     for layer in self.middle:
-      h = layer(h, conds, deterministic)
+      h = block(layer, h)
     for layer in self.decoder:
       if isinstance(layer, ResAttn):
-        h = layer(jnp.concatenate([h, skips.pop()], axis=-1), conds, deterministic)
+        h = block(layer, jnp.concatenate([h, skips.pop()], axis=-1))
       else:
         h = layer(h)
     return self.out_conv(nnx.silu(self.out_norm(h)))

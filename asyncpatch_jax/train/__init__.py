@@ -1,19 +1,32 @@
-"""The training system: state, optimizer, mesh and shardings, checkpoints, the loop."""
+"""The training system: state, optimizer, mesh and shardings, checkpoints, the loop.
 
-from asyncpatch_jax.train.checkpoint import Checkpointer
-from asyncpatch_jax.train.state import StateSetup, TrainState, setup_state
-from asyncpatch_jax.train.trainer import NonFiniteError, prepare, train_and_evaluate
-from asyncpatch_jax.train.validation import ConfigError, validate_config, validate_topology
+The names below load on first use (PEP 562), so importing one submodule (e.g. `train.step` in a
+benchmark) does not import the trainer and, through CLU's metric writers, TensorFlow.
+"""
 
-__all__ = [
-    "Checkpointer",
-    "ConfigError",
-    "NonFiniteError",
-    "StateSetup",
-    "TrainState",
-    "prepare",
-    "setup_state",
-    "train_and_evaluate",
-    "validate_config",
-    "validate_topology",
-]
+import importlib
+
+_EXPORTS = {
+    "Checkpointer": "checkpoint",
+    "ConfigError": "validation",
+    "NonFiniteError": "trainer",
+    "StateSetup": "state",
+    "TrainState": "state",
+    "prepare": "trainer",
+    "setup_state": "state",
+    "train_and_evaluate": "trainer",
+    "validate_config": "validation",
+    "validate_topology": "validation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))

@@ -20,7 +20,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from asyncpatch_jax import diffusion, models
-from asyncpatch_jax.data.pipeline import to_model_range
 from asyncpatch_jax.diffusion import level_samplers
 from asyncpatch_jax.train import optimizer as opt_lib
 from asyncpatch_jax.train.mesh import BATCH_AXES
@@ -123,6 +122,9 @@ def make_loss_fn(config: Any, model_def: ModelDef, *, train: bool = True) -> Cal
   variance_weight = float(config.diffusion.variance_weight)
   num_classes = int(config.model.num_classes)
   label_dropout = float(config.model.label_dropout)
+  # Imported here: the data package loads grain and the TFDS sources, which the step needs
+  # only for this conversion (importing the step stays light).
+  from asyncpatch_jax.data.pipeline import to_model_range
 
   def loss_fn(params, model_state, batch, key):
     x0 = to_model_range(batch["image"])

@@ -25,10 +25,10 @@ from asyncpatch_jax.train import checkpoint as ckpt_lib
 from asyncpatch_jax.train import evaluate as eval_lib
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
+from asyncpatch_jax.train import perf, validation
 from asyncpatch_jax.train import samples as samples_lib
 from asyncpatch_jax.train import state as state_lib
 from asyncpatch_jax.train import step as step_lib
-from asyncpatch_jax.train import validation
 
 
 class NonFiniteError(FloatingPointError):
@@ -159,6 +159,9 @@ def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
 
   train_step = step_lib.jit_train_step(step_lib.make_train_step(config, setup), setup,
                                        batch_sharding)
+  # FLOPs per step logged once after the first step; images/s and MFU at every log step.
+  throughput = perf.StepThroughput(
+      config, setup.model_def.merge(setup.abstract.params, setup.abstract.model_state))
 
   hooks = []
   report = periodic_actions.ReportProgress(
@@ -186,6 +189,8 @@ def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
           state, step_metrics = train_step(state, batch)
         step += 1
         acc = step_metrics if acc is None else acc.merge(step_metrics)
+        if step == initial_step + 1:
+          logging.info("%s", throughput.start(train_step, state, batch, step, time.monotonic()))
         for hook in hooks:
           hook(step)
         at_log = step % log_every == 0
@@ -201,6 +206,8 @@ def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
             logging.warning("Skipped %d update(s) with a non-finite loss or gradient up to step "
                             "%d (%d of %d allowed since the start)", newly_skipped, step, skipped,
                             max_skips)
+          if perf_scalars := throughput.report(step, time.monotonic()):
+            writer.write_scalars(step, perf_scalars)
           acc = None
         if step % ckpt_every == 0 or last:
           _check_finite(acc, checkpointer, skipped, max_skips)

@@ -105,15 +105,19 @@ def _run_batches(fn: Callable[[int, int], tuple[Any, dict]], total: int, batch: 
   count = math.ceil(total / batch)
   outs, infos = [], []
   start = time.monotonic()
+  first = 0.0
   for index in range(count):
     out, info = fn(index, index * batch)
     outs.append(np.asarray(out))
     infos.append(jax.tree.map(np.asarray, info))
     elapsed = time.monotonic() - start
+    if index == 0:
+      first, note = elapsed, " (with compilation)"
+    else:  # the rate of the batches after the first, which compiled
+      left = (elapsed - first) / index * (count - index - 1)
+      note = f", about {left:.0f} s left" if index + 1 < count else ""
     logging.info("Sampled batch %d/%d (%d of %d samples) in %.1f s%s", index + 1, count,
-                 min((index + 1) * batch, total), total, elapsed,
-                 f", about {elapsed / (index + 1) * (count - index - 1):.0f} s left"
-                 if index + 1 < count else "")
+                 min((index + 1) * batch, total), total, elapsed, note)
   return np.concatenate(outs)[:total], _merge_infos(infos, total)
 
 

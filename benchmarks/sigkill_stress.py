@@ -182,8 +182,10 @@ def stress(out_dir: pathlib.Path, *, kills: int, num_steps: int, every: int, see
       "kills": len(killed["kills"]), "restarts": len(starts) - 1,
       "kills_leaving_unfinished_saves": sum(bool(k["unfinished_saves_left"])
                                             for k in killed["kills"]),
+      # A start killed before it logged its resume step has None there.
       "every_start_resumed_from_the_latest_committed_step": all(
-          s["resumed_from"] == s["expected"] for s in starts),
+          s["resumed_from"] == s["expected"] for s in starts if s["resumed_from"] is not None),
+      "starts_killed_before_resuming": sum(s["resumed_from"] is None for s in starts),
       "damaged_checkpoints_skipped": sum(s["damaged_skipped"] for s in starts),
       "unfinished_saves_at_end": unfinished_saves(resumed),
       **comparison,
@@ -199,7 +201,7 @@ def main() -> None:
   parser.add_argument("--num_steps", type=int, default=80)
   parser.add_argument("--every", type=int, default=2, help="checkpoint.every_steps")
   parser.add_argument("--devices", type=int, default=1, help="fake CPU devices (data axis)")
-  parser.add_argument("--early_fraction", type=float, default=0.25,
+  parser.add_argument("--early_fraction", type=float, default=0.4,
                       help="share of kills aimed at start-up / restore instead of training")
   parser.add_argument("--max_delay_s", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0)

@@ -23,7 +23,8 @@ MODEL_FIELDS = ("model", "data.image_size", "data.channels", "diffusion.patch_si
                 "diffusion.schedule", "diffusion.log_snr_min", "diffusion.log_snr_max",
                 "optimizer.name", "optimizer.ema_decays", "optimizer.grad_clip_norm")
 # config.model fields that change neither the parameters nor the function they compute.
-FREE_MODEL_FIELDS = ("dropout", "label_dropout", "level_slots", "dtype", "attention_impl")
+FREE_MODEL_FIELDS = ("dropout", "label_dropout", "level_slots", "dtype", "attention_impl",
+                     "remat")
 RAW_PARAMS = "params"
 
 

@@ -70,6 +70,7 @@ def _float_batch(config, nan=False):
   return {"image": images, "label": labels}
 
 
+@pytest.mark.slow  # one more train-step compile; the trainer test below covers skipping in CI
 def test_a_nan_batch_leaves_the_state_unchanged_and_is_counted():
   import jax
   import numpy as np

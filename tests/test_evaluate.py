@@ -107,3 +107,21 @@ def test_eval_rejects_bad_paths_before_work(trained):
   config.eval.paths = "spiral"
   with pytest.raises(ValueError, match="spiral"):
     evaluate.evaluate(config, trained)
+
+
+def test_sample_and_eval_skip_a_damaged_latest_checkpoint(trained, tmp_path, caplog):
+  """Read-only modes restore the newest checkpoint that restores and leave the damaged one."""
+  import shutil
+
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  config = _config()
+  config.num_steps = 4  # resume for two more steps: checkpoints 2 and 4
+  trainer.train_and_evaluate(config, workdir)
+  biggest = max((p for p in (workdir / "checkpoints" / "4").rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+  with caplog.at_level("WARNING"):
+    *_, step = trainer.restore_latest(config, workdir)
+  assert step == 2 and "step 4" in caplog.text
+  assert (workdir / "checkpoints" / "4").exists()  # nothing moved in a read-only mode

@@ -254,7 +254,7 @@ def restore_latest(config: Any, workdir: Any, step: int | None = None):
 
   Returns `(workdir, batch_sharding, setup, state, step)`; shared by --mode=sample, inpaint and
   eval. A missing checkpoint, or a `step` that was not saved, is a FileNotFoundError that lists
-  the saved steps.
+  the saved steps; without `step`, damaged newer checkpoints are skipped with a warning.
   """
   from asyncpatch_jax.train import restore as restore_lib  # restore_model imports this module
 
@@ -271,13 +271,24 @@ def restore_latest(config: Any, workdir: Any, step: int | None = None):
     if not saved:
       raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train)")
     if step is None:
-      step = checkpointer.latest_step()
-    elif int(step) not in saved:
-      raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; the saved steps are "
-                              f"{sorted(saved)}")
-    step = int(step)
-    restore_lib.check_compatible(checkpointer.restore_config(step), config, str(directory))
-    state = checkpointer.restore(step, setup.abstract)
+      # The newest checkpoint that restores: a damaged latest one is skipped with a warning (and
+      # left where it is: read-only), as when training resumes.
+      try:
+        saved_config = checkpointer.restore_config(checkpointer.latest_step())
+      except Exception:  # a damaged config item: the compatibility check uses the step restored
+        saved_config = None
+      if saved_config is not None:
+        restore_lib.check_compatible(saved_config, config, str(directory))
+      state, step = checkpointer.restore_latest_good(setup.abstract)
+      if saved_config is None:
+        restore_lib.check_compatible(checkpointer.restore_config(step), config, str(directory))
+    else:
+      if int(step) not in saved:
+        raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; the saved steps "
+                                f"are {sorted(saved)}")
+      step = int(step)
+      restore_lib.check_compatible(checkpointer.restore_config(step), config, str(directory))
+      state = checkpointer.restore(step, setup.abstract)
   finally:
     checkpointer.close()
   return workdir, batch_sharding, setup, state, step

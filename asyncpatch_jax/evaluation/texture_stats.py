@@ -10,8 +10,9 @@ measures, per image, on grey images in [-1, 1] with a pixel-level known mask (Tr
   averaged over the windows wholly inside the hole against those wholly inside the context:
   |E mean_hole − E mean_ctx| + |E std_hole − E std_ctx|.
 
-The ground truth's own values (original image, same mask) are the floor a perfect completion
-reaches: natural variation within a texture is not zero.
+The ground truth's own values (original image, same mask) are the reference: natural variation
+within a texture is not zero, so a completion near them matches its context as well as the truth
+does (one below them is more uniform than the texture, not better).
 """
 
 from __future__ import annotations

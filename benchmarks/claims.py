@@ -43,6 +43,7 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -133,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--repaint_resample", type=int, default=5)
   p.add_argument("--guidance_scales", default="0,0.5,1,2", help="ω sweep (at k=0.5)")
   p.add_argument("--guidance_levels", default="0.3,0.5,0.8",
-                 help="k sweep (at the middle nonzero ω)")
+                 help="k sweep (at the ω of lowest LPIPS)")
   p.add_argument("--guidance_mask", default="box", help="mask family of claim 4")
   p.add_argument("--accel_steps", default="25,50",
                  help="reference budgets M of the step-size rule (claim 5)")
@@ -573,12 +574,18 @@ def texture_scores(images: np.ndarray, pixel_mask: np.ndarray, patch: int) -> di
 def claim_4(bench: DatasetBench) -> dict[str, Any]:
   args = bench.args
   scales, levels = floats(args.guidance_scales), floats(args.guidance_levels)
-  nonzero = [s for s in scales if s > 0] or [1.0]
-  mid_scale = nonzero[len(nonzero) // 2]
-  points = [(s, 0.5) for s in scales] + [(mid_scale, k) for k in levels if k != 0.5]
+  # First ω at k = 0.5; then the re-noise level k at the ω with the lowest LPIPS.
+  points = [(s, 0.5) for s in scales]
   rows: dict[str, dict[str, Any]] = {}
   originals = pixel_mask = None
-  for scale, level in points:
+  for index in itertools.count():
+    if index == len(scales):
+      guided = [r for r in rows.values() if r["omega"] > 0]
+      best = min(guided, key=lambda r: r["lpips"])["omega"] if guided else 1.0
+      points += [(best, k) for k in levels if k != 0.5]
+    if index == len(points):
+      break
+    scale, level = points[index]
     kwargs = dict(strategy="uniform", num_steps=args.sample_steps)
     if scale > 0:
       kwargs.update(input_guidance=float(scale), guidance_level=float(level))

@@ -21,6 +21,7 @@ import numpy as np
 
 Array = jax.Array
 Path = Callable[[Array], Array]
+NAMES = ("homogeneous", "raster", "random")  # the paths `--mode=eval` reports bits/dim along
 
 
 def homogeneous() -> Path:

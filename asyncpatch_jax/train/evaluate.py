@@ -35,7 +35,7 @@ from asyncpatch_jax.train import optimizer as opt_lib
 from asyncpatch_jax.train import state as state_lib
 from asyncpatch_jax.train import step as step_lib
 
-PATHS = ("homogeneous", "raster", "random")
+PATHS = paths.NAMES
 
 
 def ema_params_name(config: Any) -> str:

@@ -17,7 +17,7 @@ from etils import epath
 from asyncpatch_jax import diffusion
 from asyncpatch_jax.autoencoder import VAE_CONFIGS
 from asyncpatch_jax.data import sources
-from asyncpatch_jax.diffusion import level_samplers
+from asyncpatch_jax.diffusion import level_samplers, paths
 from asyncpatch_jax.latents import prepare
 from asyncpatch_jax.models import common as model_common
 from asyncpatch_jax.models import embeddings as model_embeddings
@@ -199,6 +199,11 @@ def describe_mesh(data: int, fsdp: int) -> str:
 # Every scalar field: (path, type, test, what it must be). `_validate_fields` runs these first,
 # so later checks can convert values without a raw TypeError / ValueError.
 _INT, _FLOAT, _BOOL, _STR = "an integer", "a number", "True or False", "a string"
+
+
+def _words(value: str) -> set[str]:
+  return {w.strip() for w in value.split(",") if w.strip()}
+
 _FIELDS: tuple[tuple[str, str, Any, str], ...] = (
     ("seed", _INT, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("num_steps", _INT, lambda v: v > 0, "positive"),
@@ -274,6 +279,12 @@ _FIELDS: tuple[tuple[str, str, Any, str], ...] = (
     ("eval.every_steps", _INT, lambda v: v >= 0, ">= 0 (0: never during training)"),
     ("eval.num_batches", _INT, lambda v: v >= 1, ">= 1"),
     ("eval.elbo_steps", _INT, lambda v: v >= 0, ">= 0 (0: no bits/dim)"),
+    ("eval.paths", _STR, lambda v: 0 < len(_words(v)) and _words(v) <= set(paths.NAMES),
+     f"a comma-separated list of {', '.join(paths.NAMES)}"),
+    ("eval.fid_samples", _INT, lambda v: v >= 0, ">= 0 (0: no FID)"),
+    ("eval.fid_batch_size", _INT, lambda v: v >= 1, ">= 1"),
+    ("eval.fid_split", _STR, bool, "non-empty (e.g. 'train')"),
+    ("eval.fid_cache_dir", _STR, None, ""),
     ("sampling.every_steps", _INT, lambda v: v >= 0, ">= 0 (0: only at the end)"),
     ("sampling.num_samples", _INT, lambda v: v >= 1, ">= 1"),
     ("sampling.num_steps", _INT, lambda v: v >= 1, ">= 1"),

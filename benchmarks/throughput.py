@@ -246,7 +246,8 @@ def asynchrony_cases(config, reps: int) -> dict:
   t_scalar = t_map[:, 0, 0]
 
   def forward(params, t, deterministic):
-    m = nnx.merge(graphdef, params, rest)
+    # Fresh RNG variables inside the trace (dropout mutates them), as the train step does.
+    m = nnx.merge(graphdef, params, jax.tree.map(jnp.array, rest))
     return m(z, t, labels, deterministic=deterministic).output
 
   def loss(params, t):

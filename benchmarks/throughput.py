@@ -57,7 +57,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from asyncpatch_jax import models, sampling
+from asyncpatch_jax import diffusion, models, sampling
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
 from asyncpatch_jax.train import perf
@@ -81,6 +81,9 @@ def parse_args(argv):
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--steps", type=int, default=3, help="timed calls per case after warm-up")
   parser.add_argument("--sample_steps", type=int, default=16, help="sampler steps (NFE)")
+  parser.add_argument("--sample_plans", default="adaptive,autoregressive",
+                      help="plans timed besides 'uniform' in the sampling part (comma list; "
+                      "'adaptive' switches on the uncertainty head)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--remat", default="", help="model.remat ('' off, 'full', "
                       "'dots_saveable', 'dots_with_no_batch_dims_saveable')")
@@ -273,8 +276,11 @@ def asynchrony_cases(config, reps: int) -> dict:
   return out
 
 
-def sampling_case(config, args, reps: int, forward_hom_s: float | None) -> dict:
-  """The whole sampling loop as one compiled program (uniform plan, ancestral updates)."""
+def sampling_case(config, args, reps: int, forward_hom_s: float | None,
+                  strategy: str = "uniform") -> dict:
+  """The whole sampling loop of one plan as one compiled program (ancestral updates): time per
+  image and per network evaluation, and the overhead over bare forward passes. 'adaptive' (the
+  uncertainty-guided step-size rule) needs the network's uncertainty head (`config.model`)."""
   model = build_model(config)
   split = nnx.split(model)
   b, s, c = int(config.data.batch_size), int(config.data.image_size), int(config.data.channels)
@@ -282,21 +288,29 @@ def sampling_case(config, args, reps: int, forward_hom_s: float | None) -> dict:
   num_classes = int(config.model.num_classes)
   labels = jnp.zeros((b,), jnp.int32) if num_classes > 0 else None
 
+  patch = int(config.diffusion.patch_size)
+  num_steps, kwargs = args.sample_steps, {}
+  if strategy == "autoregressive":  # 2×2 groups of tokens (quadrants), half overlapping
+    grid = diffusion.token_grid((1, s, s, c), patch)[1:]
+    kwargs = dict(group_shape=tuple(max(1, g // 2) for g in grid), overlap=0.5,
+                  steps_per_group=max(1, num_steps // 2))
+    num_steps = None  # set by the plan: o_3 + S
+
   def run(state, rng):
     denoiser = models.make_denoiser(
         (split[0], state), schedule=schedule, parametrization=str(config.model.parametrization),
-        patch_size=int(config.diffusion.patch_size), labels=labels, num_classes=num_classes)
-    return sampling.sample(denoiser, rng, (b, s, s, c), schedule=schedule,
-                           num_steps=args.sample_steps,
-                           patch_size=int(config.diffusion.patch_size))
+        patch_size=patch, labels=labels, num_classes=num_classes)
+    return sampling.sample(denoiser, rng, (b, s, s, c), schedule=schedule, strategy=strategy,
+                           num_steps=num_steps, patch_size=patch, **kwargs)
 
   rng = jax.random.key(0)
   compiled, compile_s = compile_timed(jax.jit(run), split[1], rng)
   _, info = compiled(split[1], rng)
   nfe = int(info["nfe"])
   t = timed(lambda: compiled(split[1], rng), reps)
-  out = {"compile_s": compile_s, "nfe": nfe, **t, "images_per_s": b / t["wall_s"],
-         "nfe_per_s": nfe / t["wall_s"]}
+  out = {"strategy": strategy, "compile_s": compile_s, "nfe": nfe, **t,
+         "images_per_s": b / t["wall_s"], "nfe_per_s": nfe / t["wall_s"],
+         "cpu_s_per_nfe": t["cpu_s"] / max(nfe, 1)}
   if forward_hom_s:
     out["overhead_vs_bare_forwards"] = t["wall_s"] / (nfe * forward_hom_s) - 1.0
   return out
@@ -389,6 +403,8 @@ def table(entry: dict) -> str:
   if "sampling" in entry:
     r = entry["sampling"]
     row(f"sampling loop ({r['nfe']} NFE; {r['nfe_per_s']:.2f} NFE/s)", r)
+  for name, r in entry.get("sampling_plans", {}).items():
+    row(f"sampling loop, {name} plan ({r['nfe']} NFE; {r['cpu_s_per_nfe']:.3f} CPU s/NFE)", r)
   if "torch" in entry:
     row(f"PyTorch DiT train step (torch {entry['torch']['torch']}, alternating with ours)",
         entry["torch"])
@@ -457,6 +473,16 @@ def main(argv=None) -> dict:
   if "sampling" not in skip:
     log(f"sampling loop ({args.sample_steps} steps)")
     entry["sampling"] = sampling_case(make_config(args), args, args.steps, forward_hom_s)
+    plans = [w.strip() for w in args.sample_plans.split(",") if w.strip()]
+    if plans:
+      entry["sampling_plans"] = {}
+    for plan in plans:
+      log(f"sampling loop, {plan} plan (M = {args.sample_steps})")
+      config = make_config(args)
+      if plan == "adaptive":
+        with config.unlocked():
+          config.model.uncertainty = True
+      entry["sampling_plans"][plan] = sampling_case(config, args, args.steps, forward_hom_s, plan)
   if "scan_compile" not in skip:
     depths = (2, 4) if args.quick else (12, 28)
     entry["scan_compile"] = scan_compile_cases(args, depths)
@@ -478,6 +504,9 @@ def main(argv=None) -> dict:
   if "sampling" in entry and "overhead_vs_bare_forwards" in entry["sampling"]:
     summary["sampling loop overhead vs bare forwards"] = (
         entry["sampling"]["overhead_vs_bare_forwards"])
+  for plan, r in entry.get("sampling_plans", {}).items():
+    summary[f"sampling, {plan} plan: CPU s per NFE / uniform's"] = (
+        r["cpu_s_per_nfe"] / entry["sampling"]["cpu_s_per_nfe"])
   if "torch" in entry and "train" in entry:
     ours = entry["train"]["per-token (recipe)"]
     summary["ours / PyTorch DiT images/s (wall)"] = (ours["images_per_s"]

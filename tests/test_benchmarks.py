@@ -44,6 +44,10 @@ def test_throughput_quick(tmp_path):
     assert case["mfu"] is None  # no peak for a CPU
   assert len(entry["asynchrony"]) == 5
   assert entry["sampling"]["nfe"] == 2 and entry["sampling"]["nfe_per_s"] > 0
+  plans = entry["sampling_plans"]
+  assert 1 <= plans["adaptive"]["nfe"] <= 2
+  assert plans["autoregressive"]["nfe"] == 2  # 4 groups: o_3 + S = ⌊3·S/2⌋ + S with S = 1
+  assert all(p["cpu_s_per_nfe"] > 0 for p in plans.values())
   assert entry["memory"]["peak_bytes"] > 0
   if torch_available:
     assert entry["torch"]["images_per_s"] > 0

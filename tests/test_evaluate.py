@@ -118,9 +118,8 @@ def test_sample_and_eval_skip_a_damaged_latest_checkpoint(trained, tmp_path, cap
   config = _config()
   config.num_steps = 4  # resume for two more steps: checkpoints 2 and 4
   trainer.train_and_evaluate(config, workdir)
-  biggest = max((p for p in (workdir / "checkpoints" / "4").rglob("*") if p.is_file()),
-                key=lambda p: p.stat().st_size)
-  biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+  for data_file in (workdir / "checkpoints" / "4" / "state").rglob("d/*"):  # every array file
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
   with caplog.at_level("WARNING"):
     *_, step = trainer.restore_latest(config, workdir)
   assert step == 2 and "step 4" in caplog.text

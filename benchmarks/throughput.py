@@ -88,12 +88,16 @@ def parse_args(argv):
   parser.add_argument("--remat", default="", help="model.remat ('' off, 'full', "
                       "'dots_saveable', 'dots_with_no_batch_dims_saveable')")
   parser.add_argument("--scan_layers", action="store_true", help="model.scan_layers (DiT)")
+  parser.add_argument("--adaln", default="block", choices=("block", "single"),
+                      help="model.adaln (DiT): 'block' = DiT's, 'single' = PixArt-α's adaLN-single")
   parser.add_argument("--attention_impl", default=None, choices=(None, "xla", "cudnn"),
                       help="jax.nn.dot_product_attention implementation (default: JAX picks)")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="the device's peak TFLOP/s for MFU (0: train/perf.py's table)")
   parser.add_argument("--torch", action="store_true",
                       help="also time the official PyTorch DiT's train step (CPU) side by side")
+  parser.add_argument("--torch_bf16", action="store_true",
+                      help="with --torch, also time it under torch.autocast(bfloat16)")
   parser.add_argument("--skip", default="", help=f"comma list of parts to skip: {PARTS}")
   parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
   parser.add_argument("--out", default="", help="JSON path (default results/throughput_<backend>"
@@ -112,6 +116,7 @@ def make_config(args, level_sampler: str = "recipe") -> ml_collections.ConfigDic
     model.dropout = 0.0 if args.quick else model.dropout
     model.remat = args.remat
     model.scan_layers = bool(args.scan_layers and args.model == "dit")
+    model.adaln = args.adaln if args.model == "dit" else "block"
     model.attention_impl = args.attention_impl
     if args.model == "dit":
       model.dit_size = args.dit_size
@@ -316,9 +321,9 @@ def sampling_case(config, args, reps: int, forward_hom_s: float | None,
   return out
 
 
-def prepare_torch(args):
-  """The official PyTorch DiT's train step (benchmarks/torch_dit.py) on the same batch size:
-  `(run, info)`."""
+def prepare_torch(args, autocast: bool = False):
+  """The official PyTorch DiT's train step (benchmarks/torch_dit.py) on the same batch size,
+  float32 or under bf16 autocast: `(run, info)`."""
   import torch
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -332,10 +337,11 @@ def prepare_torch(args):
   else:
     model = torch_dit.make_dit(args.dit_size, args.dit_patch, args.image_size, args.channels,
                                args.num_classes)
-  step = torch_dit.make_train_step(model)
+  step = torch_dit.make_train_step(model, autocast=autocast)
   x = torch.randn(args.batch, args.channels, args.image_size, args.image_size)
   y = torch.randint(0, args.num_classes, (args.batch,))
-  return (lambda: step(x, y)), {"threads": torch.get_num_threads(), "torch": torch.__version__}
+  return (lambda: step(x, y)), {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                                "precision": "bfloat16 autocast" if autocast else "float32"}
 
 
 def torch_result(args, info: dict, t: dict) -> dict:
@@ -405,9 +411,10 @@ def table(entry: dict) -> str:
     row(f"sampling loop ({r['nfe']} NFE; {r['nfe_per_s']:.2f} NFE/s)", r)
   for name, r in entry.get("sampling_plans", {}).items():
     row(f"sampling loop, {name} plan ({r['nfe']} NFE; {r['cpu_s_per_nfe']:.3f} CPU s/NFE)", r)
-  if "torch" in entry:
-    row(f"PyTorch DiT train step (torch {entry['torch']['torch']}, alternating with ours)",
-        entry["torch"])
+  for case in ("torch", "torch bf16"):
+    if case in entry:
+      row(f"PyTorch DiT train step ({entry[case]['precision']}, torch {entry[case]['torch']}, "
+          f"alternating with ours)", entry[case])
   lines = rows
   if "scan_compile" in entry:
     lines += ["", "| train step of a DiT with hidden size 64 | trace + lower s | XLA compile s |",
@@ -440,7 +447,8 @@ def main(argv=None) -> dict:
   key = f"{name} {args.image_size}x{args.image_size}x{args.channels} b{args.batch} {args.dtype}"
   key += "".join(f" {flag}" for flag in (args.remat and f"remat={args.remat}",
                                          args.scan_layers and "scan_layers",
-                                         args.attention_impl and f"attn={args.attention_impl}")
+                                         args.attention_impl and f"attn={args.attention_impl}",
+                                         args.adaln != "block" and f"adaln={args.adaln}")
                  if flag)
   out = args.out or os.path.join("results", f"throughput_{backend}.json")
   entry: dict = {"config": {k: v for k, v in vars(args).items()},
@@ -457,12 +465,15 @@ def main(argv=None) -> dict:
       runs[case], infos[case] = prepare_train_step(make_config(args, sampler))
     if args.torch:
       runs["torch"], infos["torch"] = prepare_torch(args)
+    if args.torch and args.torch_bf16:
+      runs["torch bf16"], infos["torch bf16"] = prepare_torch(args, autocast=True)
     log(f"timing {', '.join(runs)} in turn, {args.steps} steps each")
     times = timed_interleaved(runs, args.steps)
     entry["train"] = {case: train_result(infos[case], times[case], peak)
-                      for case in runs if case != "torch"}
-    if args.torch:
-      entry["torch"] = torch_result(args, infos["torch"], times["torch"])
+                      for case in runs if not case.startswith("torch")}
+    for case in ("torch", "torch bf16"):
+      if case in runs:
+        entry[case] = torch_result(args, infos[case], times[case])
     write_json(out, key, {**entry, "partial": True})
   forward_hom_s = None
   if "asynchrony" not in skip:
@@ -513,6 +524,10 @@ def main(argv=None) -> dict:
                                                     / entry["torch"]["images_per_s"])
     summary["ours / PyTorch DiT images per CPU-second"] = (
         ours["images_per_cpu_s"] / entry["torch"]["images_per_cpu_s"])
+  if "torch bf16" in entry and "train" in entry:
+    summary["ours / PyTorch DiT under bf16 autocast, images/s (wall)"] = (
+        entry["train"]["per-token (recipe)"]["images_per_s"]
+        / entry["torch bf16"]["images_per_s"])
   if "scan_compile" in entry:
     c = entry["scan_compile"]
     for kind in ("unrolled", "scan_layers"):

@@ -203,8 +203,10 @@ def make_dit(size="S", patch=2, image_size=32, channels=4, num_classes=1000) -> 
              depth=depth, num_heads=heads, num_classes=num_classes)
 
 
-def make_train_step(model: DiT, lr: float = 1e-4):
-  """DiT's train step (see the module docstring); returns `step(x, y) -> loss`."""
+def make_train_step(model: DiT, lr: float = 1e-4, autocast: bool = False):
+  """DiT's train step (see the module docstring); returns `step(x, y) -> loss`. `autocast`: the
+  forward (and so the backward) under `torch.autocast('cpu', torch.bfloat16)`, PyTorch's mixed
+  precision (bf16 matmuls through oneDNN; parameters, optimizer and loss in float32)."""
   opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0)
   betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
   alphas_cumprod = torch.cumprod(1.0 - betas, 0).float()
@@ -215,8 +217,9 @@ def make_train_step(model: DiT, lr: float = 1e-4):
     noise = torch.randn_like(x)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x + (1 - a).sqrt() * noise
-    out = model(x_t, t, y)
-    eps, _ = out.split(model.in_channels, dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+      out = model(x_t, t, y)
+    eps, _ = out.float().split(model.in_channels, dim=1)
     loss = ((eps - noise) ** 2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()

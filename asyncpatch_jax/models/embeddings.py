@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from asyncpatch_jax.diffusion.schedules import Schedule
+from asyncpatch_jax.models.precision import Linear
 
 Array = jax.Array
 LEVEL_EMBEDDINGS = ("t", "log_snr")
@@ -61,8 +62,8 @@ class LevelEmbedding(nnx.Module):
     self.frequency_dim = frequency_dim
     init = (nnx.initializers.lecun_normal() if init_std is None
             else nnx.initializers.normal(init_std))
-    self.fc1 = nnx.Linear(frequency_dim, features, kernel_init=init, dtype=dtype, rngs=rngs)
-    self.fc2 = nnx.Linear(features, features, kernel_init=init, dtype=dtype, rngs=rngs)
+    self.fc1 = Linear(frequency_dim, features, kernel_init=init, dtype=dtype, rngs=rngs)
+    self.fc2 = Linear(features, features, kernel_init=init, dtype=dtype, rngs=rngs)
 
   def __call__(self, t: Array) -> Array:
     h = sinusoidal_embedding(level_feature(t, self.kind, self.schedule), self.frequency_dim)

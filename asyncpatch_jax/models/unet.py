@@ -33,8 +33,9 @@ from flax import nnx
 
 from asyncpatch_jax.diffusion.parametrization import check_parametrization
 from asyncpatch_jax.diffusion.schedules import Schedule
-from asyncpatch_jax.models import common
+from asyncpatch_jax.models import common, precision
 from asyncpatch_jax.models.embeddings import ClassEmbedding, LevelEmbedding
+from asyncpatch_jax.models.precision import Linear
 from asyncpatch_jax.models.slots import LevelSlots, choose_path, find_level_slots
 
 Array = jax.Array
@@ -90,7 +91,7 @@ class ResBlock(nnx.Module):
     self.norm1 = nnx.GroupNorm(in_channels, num_groups=groups, dtype=dtype, rngs=rngs)
     self.conv1 = nnx.Conv(in_channels, out_channels, kernel, padding="SAME", dtype=dtype,
                           rngs=rngs)
-    self.film = nnx.Linear(emb_dim, 2 * out_channels, dtype=dtype, rngs=rngs)
+    self.film = Linear(emb_dim, 2 * out_channels, dtype=dtype, rngs=rngs)
     self.norm2 = nnx.GroupNorm(out_channels, num_groups=groups, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.conv2 = nnx.Conv(out_channels, out_channels, kernel, padding="SAME", kernel_init=_zeros,
@@ -117,14 +118,14 @@ class AttentionBlock(nnx.Module):
     self.num_heads = num_heads
     self.implementation = implementation
     self.norm = nnx.GroupNorm(channels, num_groups=groups, dtype=dtype, rngs=rngs)
-    self.qkv = nnx.Linear(channels, 3 * channels, dtype=dtype, rngs=rngs)
-    self.proj = nnx.Linear(channels, channels, kernel_init=_zeros, dtype=dtype, rngs=rngs)
+    self.qkv = Linear(channels, 3 * channels, dtype=dtype, rngs=rngs)
+    self.proj = Linear(channels, channels, kernel_init=_zeros, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
     b, c = x.shape[0], x.shape[-1]
     qkv = self.qkv(self.norm(x)).reshape(b, -1, 3, self.num_heads, c // self.num_heads)
-    h = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                     implementation=self.implementation)
+    h = precision.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                            implementation=self.implementation)
     return x + self.proj(h.reshape(b, -1, c)).reshape(x.shape)
 
 

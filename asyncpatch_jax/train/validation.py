@@ -20,6 +20,7 @@ from asyncpatch_jax.data import sources
 from asyncpatch_jax.diffusion import level_samplers, paths
 from asyncpatch_jax.latents import prepare
 from asyncpatch_jax.models import common as model_common
+from asyncpatch_jax.models import dit as model_dit
 from asyncpatch_jax.models import embeddings as model_embeddings
 from asyncpatch_jax.models import registry as model_registry
 from asyncpatch_jax.sampling import masks
@@ -252,6 +253,7 @@ _FIELDS: tuple[tuple[str, str, Any, str], ...] = (
      f"one of {list(model_registry.DIT_SIZES)}"),
     ("model.dit_patch", _INT, lambda v: v >= 1, ">= 1"),
     ("model.dit_mlp_ratio", _FLOAT, lambda v: v > 0, "positive"),
+    ("model.adaln", _STR, lambda v: v in model_dit.ADALN_KINDS, f"one of {model_dit.ADALN_KINDS}"),
     ("optimizer.name", _STR, lambda v: v == "adamw", "'adamw' (the only one provided)"),
     ("optimizer.learning_rate", _FLOAT, lambda v: v > 0, "positive"),
     ("optimizer.warmup_steps", _INT, lambda v: v >= 0, ">= 0"),
@@ -363,6 +365,8 @@ def _validate_fields(config: Any) -> None:
              f"the U-Net widths {widths} (model.channels × model.channel_mult) must be multiples "
              f"of model.norm_groups={model.norm_groups}; change either")
     _require(not model.scan_layers, "model.scan_layers applies to the DiT only; set it False")
+    _require(model.get("adaln", "block") == "block",
+             "model.adaln applies to the DiT only; set it 'block'")
   elif model.name == "dit":
     hidden, _, heads = model_registry.dit_dimensions(model)
     _require(hidden % heads == 0 and hidden % 4 == 0,

@@ -1,0 +1,190 @@
+"""Mixed-precision matmuls (models/precision.py) and the DiT's adaLN-single option.
+
+bf16: the forward and both gradients of `einsum`, `Linear` and `add_bias` against float32
+references at bf16 tolerance, float32 gradients for float32 parameters; float32: bit for bit the
+plain ops. adaLN-single: a valid, different architecture with DiT's adaLN-Zero start (every block
+the identity), scalar levels ≡ homogeneous maps, slot path ≡ dense path, and its FLOP count.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from asyncpatch_jax import models
+from asyncpatch_jax.diffusion import get_schedule
+from asyncpatch_jax.models import precision
+from asyncpatch_jax.train import validation
+
+BF16 = jnp.bfloat16
+
+
+def rand(*shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("spec,shapes", [
+    ("...k,kn->...n", ((2, 5, 16), (16, 12))),
+    ("bhqd,bhkd->bhqk", ((2, 3, 7, 8), (2, 3, 9, 8))),
+    ("bhqk,bhkd->bhqd", ((2, 3, 7, 9), (2, 3, 9, 8))),
+])
+def test_mixed_einsum_matches_float32_forward_and_backward(spec, shapes):
+  a, b = rand(*shapes[0], seed=1), rand(*shapes[1], seed=2)
+  w = rand(*jnp.einsum(spec, a, b).shape, seed=3)
+
+  def loss(fn, a, b):
+    return jnp.sum(fn(spec, a, b).astype(jnp.float32) * w)
+
+  ref = jax.value_and_grad(lambda a, b: loss(jnp.einsum, a, b), argnums=(0, 1))(a, b)
+  # bf16 activations against float32 weights (the Linear case) and bf16 × bf16 (attention).
+  for a_in in (a.astype(BF16), a):
+    out, (da, db) = jax.jit(jax.value_and_grad(
+        lambda a, b: loss(precision.einsum, a, b), argnums=(0, 1)))(a_in, b.astype(BF16))
+    assert precision.einsum(spec, a_in, b.astype(BF16)).dtype == BF16
+    assert da.dtype == a_in.dtype and db.dtype == BF16
+    assert rel_err(out, ref[0]) < 2e-2
+    assert rel_err(da, ref[1][0]) < 2e-2 and rel_err(db, ref[1][1]) < 2e-2
+  # float32 operands: exactly jnp.einsum.
+  np.testing.assert_array_equal(precision.einsum(spec, a, b), jnp.einsum(spec, a, b))
+
+
+def test_mixed_einsum_rejects_specs_its_gradient_does_not_cover():
+  a = rand(3, 4).astype(BF16)
+  for spec in ("ij,jk", "ii,ij->j", "ij,jk->k", "ij,jk->ik,k"):
+    with pytest.raises(ValueError, match=r"precision\.einsum"):
+      precision.einsum(spec, a, a)
+
+
+def test_bf16_linear_is_mixed_precision_with_float32_gradients():
+  f32 = precision.Linear(16, 12, rngs=nnx.Rngs(0))
+  bf16 = precision.Linear(16, 12, dtype=BF16, rngs=nnx.Rngs(0))
+  nnx.update(f32, {"bias": nnx.Param(rand(12, seed=4))})
+  nnx.update(bf16, nnx.state(f32))
+  x = rand(2, 5, 16, seed=5)
+  # float32: exactly nnx.Linear.
+  plain = nnx.Linear(16, 12, rngs=nnx.Rngs(0))
+  nnx.update(plain, nnx.state(f32))
+  np.testing.assert_array_equal(f32(x), plain(x))
+  w = rand(2, 5, 12, seed=6)
+
+  def grads(model, x):
+    graphdef, params = nnx.split(model)
+    return jax.grad(lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x).astype(jnp.float32) * w),
+                    argnums=(0, 1))(params, x)
+
+  (gp_ref, gx_ref), (gp, gx) = grads(f32, x), grads(bf16, x.astype(BF16))
+  assert bf16(x.astype(BF16)).dtype == BF16 and gx.dtype == BF16
+  assert rel_err(bf16(x.astype(BF16)), f32(x)) < 2e-2
+  for ref, got in zip(jax.tree.leaves(gp_ref), jax.tree.leaves(gp), strict=True):
+    assert got.dtype == jnp.float32
+    assert rel_err(got, ref) < 2e-2
+  assert rel_err(gx, gx_ref) < 2e-2
+
+
+def test_add_bias_gradient_is_a_float32_sum():
+  x, bias = rand(4, 6, 8).astype(BF16), rand(8, seed=1)
+  gx, gb = jax.grad(lambda x, b: jnp.sum(precision.add_bias(x, b).astype(jnp.float32) ** 2),
+                    argnums=(0, 1))(x, bias)
+  y = x.astype(jnp.float32) + bias.astype(BF16).astype(jnp.float32)
+  assert gb.dtype == jnp.float32 and gx.dtype == BF16
+  assert rel_err(gb, np.sum(2 * np.asarray(y), axis=(0, 1))) < 2e-2
+
+
+def test_bf16_attention_matches_float32_attention():
+  q, k, v = (rand(2, 9, 3, 8, seed=s) for s in (1, 2, 3))
+  ref = jax.nn.dot_product_attention(q, k, v)
+  out = precision.attention(q.astype(BF16), k.astype(BF16), v.astype(BF16))
+  assert out.dtype == BF16 and out.shape == ref.shape
+  assert rel_err(out, ref) < 2e-2
+  np.testing.assert_array_equal(precision.attention(q, k, v), ref)
+
+
+def dit(adaln, seed=0, **kw):
+  model = models.DiT(data_shape=(8, 8, 3), level_patch_size=2, hidden_size=32, depth=2,
+                     num_heads=2, num_classes=5, adaln=adaln, schedule=get_schedule("cosine"),
+                     rngs=nnx.Rngs(seed), **kw)
+  return model
+
+
+def randomise(model, seed=1):
+  rng = np.random.default_rng(seed)
+  params = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree.map(
+      lambda x: jnp.asarray(0.2 * rng.normal(size=x.shape), x.dtype), params))
+  return model
+
+
+def test_adaln_single_parameters_and_identity_start():
+  block, single = dit("block"), dit("single")
+  n_block = models.num_params(nnx.state(block, nnx.Param))
+  n_single = models.num_params(nnx.state(single, nnx.Param))
+  d = 32
+  # Per block: −(d·6d + 6d) for the projection, +6d for the table; final: −(d·2d + 2d) + 2d;
+  # +(d·6d + 6d) for the shared projection.
+  assert n_block - n_single == 2 * d * 6 * d + d * 2 * d - d * 6 * d - 6 * d
+  assert single.blocks[0].adaln is None and single.blocks[0].table.shape == (6 * d,)
+  # adaLN-Zero start: the blocks are the identity, as DiT's.
+  z, labels = rand(2, 8, 8, 3), jnp.array([1, 2])
+  t = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 4, 4)), jnp.float32)
+  x = single.patch_embed(models.dit.patchify(z, 2))
+  cond = single.dense_conditioning(single.token_levels(t), single.class_embed(labels)[:, None])
+  cond = cond._replace(shared=cond.per_token(single.shared_adaln(cond.rows)))
+  np.testing.assert_array_equal(single.blocks[0](x, cond), x)
+
+
+def test_adaln_single_paths_agree_and_flops():
+  model = randomise(dit("single"))
+  z, labels = rand(2, 8, 8, 3), jnp.array([1, 2])
+  t = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 4, 4)), jnp.float32)
+  hom = jnp.broadcast_to(t[:, :1, :1], t.shape)
+  scalar = model(z, t[:, 0, 0], labels).output
+  np.testing.assert_allclose(model(z, hom, labels, deterministic=False).output, scalar,
+                             rtol=1e-5, atol=1e-5)
+  two = jnp.where(jnp.arange(4)[None, :, None] < 2, 0.3, 0.7) * jnp.ones_like(t)
+  np.testing.assert_allclose(model(z, two, labels).output,
+                             model(z, two, labels, deterministic=False).output,
+                             rtol=1e-5, atol=1e-5)
+  per_token = model(z, t, labels).output
+  assert float(jnp.abs(per_token - scalar).max()) > 1e-3  # the levels matter
+  # DiT-S/2 on 32×32×4: per-token conditioning adds ~4% FLOPs (DiT's adaLN: ~47%).
+  s2 = nnx.eval_shape(lambda: models.DiT(data_shape=(32, 32, 4), level_patch_size=2,
+                                         num_classes=1000, adaln="single", rngs=nnx.Rngs(0)))
+  assert 1.0 < s2.forward_flops() / s2.forward_flops(per_token=False) < 1.06
+
+
+def test_adaln_single_bf16_trains_close_to_float32():
+  ref, half = randomise(dit("single")), randomise(dit("single", dtype="bfloat16"))
+  z, labels = rand(2, 8, 8, 3), jnp.array([1, 2])
+  t = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 4, 4)), jnp.float32)
+
+  def loss_grads(model):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return jax.value_and_grad(lambda p: jnp.mean(jnp.square(nnx.merge(graphdef, p, rest)(
+        z, t, labels, deterministic=False).output - z)))(params)
+
+  (l32, g32), (l16, g16) = loss_grads(ref), loss_grads(half)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))
+  np.testing.assert_allclose(l16, l32, rtol=0.03)
+  flat32, flat16 = (np.concatenate([np.ravel(g) for g in jax.tree.leaves(g)]) for g in (g32, g16))
+  assert rel_err(flat16, flat32) < 0.05
+
+
+def test_adaln_option_is_validated():
+  with pytest.raises(ValueError, match="unknown DiT adaln 'shared'"):
+    dit("shared")
+  config = models.default_config()
+  config.update(name="unet", adaln="single")
+  with pytest.raises(ValueError, match=r"model\.adaln applies to the DiT only"):
+    models.get_model(config, data_shape=(8, 8, 3), level_patch_size=1, schedule=None,
+                     rngs=nnx.Rngs(0))
+  from configs import base
+  cfg = base.get_config("debug")
+  cfg.model.adaln = "per_token"
+  with pytest.raises(ValueError, match=r"model\.adaln"):
+    validation.validate_config(cfg)

@@ -14,13 +14,15 @@ On whatever backend JAX runs on, for one network (U-Net or DiT) this measures:
     passes;
   - peak memory (device `memory_stats()` where available, else the process's max RSS);
   - optionally (`--torch`) the official PyTorch DiT's train step (`benchmarks/torch_dit.py`) on
-    the same batch on the CPU, timed alternately with ours (step for step, so both see the same
-    machine load), and the ratio of images/s;
+    the same batch on the CPU, in its own worker process, float32 (DiT's setting) and with
+    `--torch_bf16` also under bf16 autocast, and the ratios of images/s;
   - the compile time of the train step of a narrow DiT at depth 12 and 28, blocks unrolled vs
     `model.scan_layers` (part `scan_compile`).
 
 The speed options of the networks are flags: `--dtype bfloat16`, `--remat`, `--scan_layers`,
-`--attention_impl`. On an accelerator, e.g. DiT-B/2 on 256×256 images' latents (32×32×4):
+`--attention_impl`, and the architecture option `--adaln single`. On Linux the script re-runs
+itself with glibc's transparent-huge-page tunable (`with_huge_pages`). On an accelerator, e.g.
+DiT-B/2 on 256×256 images' latents (32×32×4):
 
     python benchmarks/throughput.py --model dit --dit_size B --dit_patch 2 --image_size 32 \
         --channels 4 --batch 256 --dtype bfloat16 --steps 10 --skip scan_compile
@@ -31,7 +33,7 @@ loaded machine wall time depends on other jobs; CPU time much less so. Results a
 as a markdown table.
 
     python benchmarks/throughput.py --model dit --dit_size S --dit_patch 2 --image_size 32 \
-        --channels 4 --batch 32 --steps 3 --torch
+        --channels 4 --batch 32 --steps 3 --dtype bfloat16 --adaln single --torch --torch_bf16
     python benchmarks/throughput.py --model unet --image_size 32 --channels 3 --batch 32
     python benchmarks/throughput.py --quick --out /tmp/t.json     # tiny sizes (smoke test)
 """
@@ -45,9 +47,11 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +70,7 @@ from asyncpatch_jax.train import step as step_lib
 from configs import base
 
 PARTS = ("train", "asynchrony", "sampling", "scan_compile")
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
 def parse_args(argv):
@@ -100,6 +105,8 @@ def parse_args(argv):
                       help="with --torch, also time it under torch.autocast(bfloat16)")
   parser.add_argument("--skip", default="", help=f"comma list of parts to skip: {PARTS}")
   parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+  parser.add_argument("--small_pages", action="store_true",
+                      help="don't re-run with glibc's huge-page tunable (see with_huge_pages)")
   parser.add_argument("--out", default="", help="JSON path (default results/throughput_<backend>"
                       ".json)")
   return parser.parse_args(argv)
@@ -141,19 +148,33 @@ def log(message: str) -> None:
   print(f"[throughput {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def timed_interleaved(fns: dict, reps: int, warmup: int = 1) -> dict[str, dict[str, float]]:
-  """Median/min wall seconds and median process CPU seconds of each `fns[name]()` (blocked)
-  after warm-up, the functions taking turns call by call (a shared machine's load then weighs
-  on all of them alike)."""
-  for fn in fns.values():
-    for _ in range(warmup):
-      jax.block_until_ready(fn())
+class Measured(NamedTuple):
+  """A call's own timing, for work done in another process (`TorchWorker`)."""
+
+  wall_s: float
+  cpu_s: float
+
+
+def timed_in_blocks(fns: dict, reps: int, warmup: int = 1) -> dict[str, dict[str, float]]:
+  """Median/min wall seconds and median process CPU seconds of each `fns[name]()` (blocked):
+  one function after the other, each `warmup` untimed calls then `reps` timed ones back to back.
+
+  Not call-by-call alternation: on this machine a JAX step right after a PyTorch step (even one
+  in another process) ran up to 2× slower, in CPU time too, and the next one was normal again;
+  the warm-up call absorbs that. Compare on a quiet machine. A function returning `Measured`
+  reports its own times."""
   wall = {name: [] for name in fns}
   cpu = {name: [] for name in fns}
-  for _ in range(reps):
-    for name, fn in fns.items():
-      start, start_cpu = time.perf_counter(), time.process_time()
+  for name, fn in fns.items():
+    for _ in range(warmup):
       jax.block_until_ready(fn())
+    for _ in range(reps):
+      start, start_cpu = time.perf_counter(), time.process_time()
+      out = jax.block_until_ready(fn())
+      if isinstance(out, Measured):
+        wall[name].append(out.wall_s)
+        cpu[name].append(out.cpu_s)
+        continue
       wall[name].append(time.perf_counter() - start)
       cpu[name].append(time.process_time() - start_cpu)
   return {name: {"wall_s": statistics.median(wall[name]), "wall_min_s": min(wall[name]),
@@ -161,7 +182,7 @@ def timed_interleaved(fns: dict, reps: int, warmup: int = 1) -> dict[str, dict[s
 
 
 def timed(fn, reps: int, warmup: int = 1) -> dict[str, float]:
-  return timed_interleaved({"fn": fn}, reps, warmup)["fn"]
+  return timed_in_blocks({"fn": fn}, reps, warmup)["fn"]
 
 
 def compile_timed(jitted, *args, split: bool = False):
@@ -321,27 +342,53 @@ def sampling_case(config, args, reps: int, forward_hom_s: float | None,
   return out
 
 
+class TorchWorker:
+  """The official PyTorch DiT's train step (benchmarks/torch_dit.py) in a child process, one
+  step per call. In this process, PyTorch's steps slowed the JAX step timed after each of them
+  by 10-60% (its allocator's and OpenMP threads' after-effects); a child keeps them apart. The
+  child's OpenMP threads sleep when idle (`OMP_WAIT_POLICY=PASSIVE`, which did not slow
+  PyTorch's step here) so they do not spin on the cores our step runs on next; it runs with
+  glibc's default page handling."""
+
+  def __init__(self, args, autocast: bool = False):
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                            "torch_dit.py"),
+               "--size", args.dit_size, "--patch", str(args.dit_patch),
+               "--image_size", str(args.image_size), "--channels", str(args.channels),
+               "--num_classes", str(args.num_classes), "--batch", str(args.batch)]
+    command += ["--autocast"] * autocast + ["--tiny"] * args.quick
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    # glibc's defaults for PyTorch: our huge-page tunable (`with_huge_pages`) slowed its step.
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != HUGE_PAGES]
+    env["GLIBC_TUNABLES"] = ":".join(tunables)
+    self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True, env=env)
+    self.info = self._reply()
+
+  def _reply(self) -> dict:
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the PyTorch worker exited (code {self.process.wait()}); run "
+                         f"benchmarks/torch_dit.py by hand to see its error")
+    return json.loads(line)
+
+  def __call__(self) -> Measured:
+    self.process.stdin.write("step\n")
+    self.process.stdin.flush()
+    reply = self._reply()
+    return Measured(reply["wall_s"], reply["cpu_s"])
+
+  def close(self) -> None:
+    if self.process.poll() is None:
+      self.process.stdin.close()
+      self.process.wait(timeout=60)
+
+
 def prepare_torch(args, autocast: bool = False):
-  """The official PyTorch DiT's train step (benchmarks/torch_dit.py) on the same batch size,
-  float32 or under bf16 autocast: `(run, info)`."""
-  import torch
-
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import torch_dit
-
-  torch.manual_seed(0)
-  if args.quick:
-    model = torch_dit.DiT(input_size=args.image_size, patch_size=args.dit_patch,
-                          in_channels=args.channels, hidden_size=32, depth=2, num_heads=2,
-                          num_classes=args.num_classes)
-  else:
-    model = torch_dit.make_dit(args.dit_size, args.dit_patch, args.image_size, args.channels,
-                               args.num_classes)
-  step = torch_dit.make_train_step(model, autocast=autocast)
-  x = torch.randn(args.batch, args.channels, args.image_size, args.image_size)
-  y = torch.randint(0, args.num_classes, (args.batch,))
-  return (lambda: step(x, y)), {"threads": torch.get_num_threads(), "torch": torch.__version__,
-                                "precision": "bfloat16 autocast" if autocast else "float32"}
+  """The PyTorch DiT's train step on the same batch size, float32 or under bf16 autocast, in a
+  `TorchWorker`: `(run, info)`."""
+  worker = TorchWorker(args, autocast)
+  return worker, dict(worker.info)
 
 
 def torch_result(args, info: dict, t: dict) -> dict:
@@ -414,7 +461,7 @@ def table(entry: dict) -> str:
   for case in ("torch", "torch bf16"):
     if case in entry:
       row(f"PyTorch DiT train step ({entry[case]['precision']}, torch {entry[case]['torch']}, "
-          f"alternating with ours)", entry[case])
+          f"own process)", entry[case])
   lines = rows
   if "scan_compile" in entry:
     lines += ["", "| train step of a DiT with hidden size 64 | trace + lower s | XLA compile s |",
@@ -456,6 +503,7 @@ def main(argv=None) -> dict:
                  "num_devices": jax.device_count(), "peak_tflops": peak,
                  "jax": jax.__version__, "python": platform.python_version(),
                  "cpu_count": os.cpu_count(), "load_avg": list(os.getloadavg()),
+                 "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                  "note": "wall_s is wall-clock; cpu_s is time.process_time (all threads); the "
                          "machine may be shared"}
   if "train" not in skip:
@@ -467,8 +515,13 @@ def main(argv=None) -> dict:
       runs["torch"], infos["torch"] = prepare_torch(args)
     if args.torch and args.torch_bf16:
       runs["torch bf16"], infos["torch bf16"] = prepare_torch(args, autocast=True)
-    log(f"timing {', '.join(runs)} in turn, {args.steps} steps each")
-    times = timed_interleaved(runs, args.steps)
+    log(f"timing {', '.join(runs)}: a warm-up step then {args.steps} timed steps each")
+    try:
+      times = timed_in_blocks(runs, args.steps)
+    finally:
+      for case in ("torch", "torch bf16"):
+        if case in runs:
+          runs[case].close()
     entry["train"] = {case: train_result(infos[case], times[case], peak)
                       for case in runs if not case.startswith("torch")}
     for case in ("torch", "torch bf16"):
@@ -544,5 +597,22 @@ def main(argv=None) -> dict:
   return entry
 
 
+def with_huge_pages(argv: list[str]) -> None:
+  """Re-executes this script once with glibc's transparent-huge-page tunable (Linux).
+
+  XLA:CPU allocates each call's temporaries afresh (GBs per DiT-S/2 train step at batch 32) and
+  glibc maps them with 4 KiB pages: 1.5 M page faults per step here, ≈20% of its CPU time. With
+  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc ≥ 2.35; older ones ignore it) those mappings are
+  transparent huge pages: a few thousand faults and a ≈15% faster step. The PyTorch worker
+  inherits the setting. `--small_pages` (or any GLIBC_TUNABLES already naming it) keeps as is.
+  """
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if sys.platform != "linux" or "--small_pages" in argv or "glibc.malloc.hugetlb" in tunables:
+    return
+  env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, HUGE_PAGES]))}
+  os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+
+
 if __name__ == "__main__":
+  with_huge_pages(sys.argv[1:])
   main()

@@ -227,3 +227,49 @@ def make_train_step(model: DiT, lr: float = 1e-4, autocast: bool = False):
     return loss
 
   return step
+
+
+def serve(argv=None) -> None:
+  """Worker mode for `throughput.py --torch`: builds the model and its train step, prints one JSON
+  line of facts, then runs one step per 'step' line on stdin and answers with the step's wall
+  and process-CPU seconds as a JSON line, until 'quit' or end of input. A separate process keeps
+  PyTorch's allocator and OpenMP threads from slowing the JAX step timed after it."""
+  import argparse
+  import json
+  import sys
+  import time
+
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--size", default="S")
+  parser.add_argument("--patch", type=int, default=2)
+  parser.add_argument("--image_size", type=int, default=32)
+  parser.add_argument("--channels", type=int, default=4)
+  parser.add_argument("--num_classes", type=int, default=1000)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--autocast", action="store_true")
+  parser.add_argument("--tiny", action="store_true", help="hidden 32, depth 2 (smoke tests)")
+  args = parser.parse_args(argv)
+  torch.manual_seed(0)
+  if args.tiny:
+    model = DiT(input_size=args.image_size, patch_size=args.patch, in_channels=args.channels,
+                hidden_size=32, depth=2, num_heads=2, num_classes=args.num_classes)
+  else:
+    model = make_dit(args.size, args.patch, args.image_size, args.channels, args.num_classes)
+  step = make_train_step(model, autocast=args.autocast)
+  x = torch.randn(args.batch, args.channels, args.image_size, args.image_size)
+  y = torch.randint(0, args.num_classes, (args.batch,))
+  print(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "precision": "bfloat16 autocast" if args.autocast else "float32",
+                    "omp_wait_policy": __import__("os").environ.get("OMP_WAIT_POLICY", "")}),
+        flush=True)
+  for line in sys.stdin:
+    if line.strip() != "step":
+      break
+    start, start_cpu = time.perf_counter(), time.process_time()
+    step(x, y)
+    print(json.dumps({"wall_s": time.perf_counter() - start,
+                      "cpu_s": time.process_time() - start_cpu}), flush=True)
+
+
+if __name__ == "__main__":
+  serve()

@@ -27,7 +27,8 @@ def test_throughput_quick(tmp_path):
   out = tmp_path / "throughput.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   argv = [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--quick",
-          "--skip", "scan_compile", "--out", str(out)] + (["--torch"] if torch_available else [])
+          "--skip", "scan_compile", "--out", str(out)]
+  argv += ["--torch", "--torch_bf16"] if torch_available else []
   start = time.perf_counter()
   proc = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
   elapsed = time.perf_counter() - start
@@ -49,9 +50,14 @@ def test_throughput_quick(tmp_path):
   assert plans["autoregressive"]["nfe"] == 2  # 4 groups: o_3 + S = ⌊3·S/2⌋ + S with S = 1
   assert all(p["cpu_s_per_nfe"] > 0 for p in plans.values())
   assert entry["memory"]["peak_bytes"] > 0
-  if torch_available:
-    assert entry["torch"]["images_per_s"] > 0
+  if sys.platform == "linux":  # re-run with transparent huge pages for XLA's temporaries
+    assert "glibc.malloc.hugetlb=1" in entry["glibc_tunables"]
+  if torch_available:  # PyTorch in its own worker process, float32 and under bf16 autocast
+    assert entry["torch"]["images_per_s"] > 0 and entry["torch"]["precision"] == "float32"
+    assert entry["torch bf16"]["precision"] == "bfloat16 autocast"
+    assert entry["torch bf16"]["cpu_s"] > 0
     assert "ours / PyTorch DiT images/s (wall)" in entry["summary"]
+    assert "ours / PyTorch DiT under bf16 autocast, images/s (wall)" in entry["summary"]
 
 
 def test_torch_dit_shapes():
@@ -63,3 +69,21 @@ def test_torch_dit_shapes():
   assert tuple(out.shape) == (3, 8, 8, 8)
   step = torch_dit.make_train_step(model)
   assert torch.isfinite(step(torch.randn(3, 4, 8, 8), torch.randint(0, 10, (3,))))
+  step = torch_dit.make_train_step(model, autocast=True)
+  assert torch.isfinite(step(torch.randn(3, 4, 8, 8), torch.randint(0, 10, (3,))))
+
+
+def test_torch_worker_protocol():
+  """The worker answers one timing per 'step' and exits at end of input."""
+  pytest.importorskip("torch")
+  throughput = _load("throughput")
+  args = throughput.parse_args(["--quick", "--image_size", "8", "--batch", "2",
+                                "--num_classes", "10"])
+  worker = throughput.TorchWorker(args)
+  try:
+    assert worker.info["precision"] == "float32" and worker.info["threads"] >= 1
+    timing = worker()
+    assert timing.wall_s > 0 and timing.cpu_s > 0
+  finally:
+    worker.close()
+  assert worker.process.returncode == 0

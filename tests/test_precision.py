@@ -188,3 +188,21 @@ def test_adaln_option_is_validated():
   cfg.model.adaln = "per_token"
   with pytest.raises(ValueError, match=r"model\.adaln"):
     validation.validate_config(cfg)
+
+
+def test_adaln_single_scanned_and_rematerialised_equals_unrolled():
+  """The shared modulation passes through `nnx.scan` (broadcast) and `remat` unchanged."""
+  from asyncpatch_jax.models.dit import stack_blocks
+
+  unrolled = randomise(dit("single"))
+  scanned = dit("single", scan_layers=True, remat="full")
+  graphdef, _ = nnx.split(scanned)
+  copy = nnx.merge(*nnx.split(unrolled))
+  copy.blocks = stack_blocks(list(copy.blocks))
+  scanned = nnx.merge(graphdef, nnx.state(copy))
+  z, labels = rand(2, 8, 8, 3), jnp.array([1, 2])
+  t = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 4, 4)), jnp.float32)
+  for levels in (t, t[:, 0, 0]):
+    np.testing.assert_allclose(scanned(z, levels, labels, deterministic=False).output,
+                               unrolled(z, levels, labels, deterministic=False).output,
+                               rtol=1e-5, atol=1e-5)

@@ -24,7 +24,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.label_dropout = 0.1  # p of the null label in training (used by the train step)
   config.level_embedding = "t"  # sinusoid of 't' or of 'log_snr' (schedule-independent)
   config.level_slots = 8  # K distinct levels per example on the fast path at inference; 0: off
-  config.dtype = "float32"  # compute dtype ('bfloat16' on accelerators); params stay float32
+  # 'bfloat16': bf16 matmuls with float32 accumulation (models/precision.py), on accelerators
+  # and on CPUs with AMX / AVX512-BF16 alike; parameters and optimizer stay float32.
+  config.dtype = "float32"
   # Attention: None or 'xla' run XLA's (bf16: models/precision.py's mixed-precision einsums);
   # 'cudnn' is jax.nn.dot_product_attention's cuDNN flash attention (GPUs, bf16/fp16).
   config.attention_impl = ml_collections.config_dict.placeholder(str)

@@ -1,9 +1,10 @@
 """Mixed-precision matmuls (models/precision.py) and the DiT's adaLN-single option.
 
-bf16: the forward and both gradients of `einsum`, `Linear` and `add_bias` against float32
-references at bf16 tolerance, float32 gradients for float32 parameters; float32: bit for bit the
-plain ops. adaLN-single: a valid, different architecture with DiT's adaLN-Zero start (every block
-the identity), scalar levels ≡ homogeneous maps, slot path ≡ dense path, and its FLOP count.
+bf16: the forward and gradients of `Linear`, `attention`, `gelu` and `add_bias` against
+float32 references at bf16 tolerance, float32 gradients for float32 parameters; float32: bit for
+bit the plain ops. adaLN-single: a valid, different architecture with DiT's adaLN-Zero start
+(every block the identity), scalar levels ≡ homogeneous maps, slot path ≡ dense path, and its
+FLOP count.
 """
 
 import jax
@@ -27,38 +28,6 @@ def rand(*shape, seed=0):
 def rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@pytest.mark.parametrize("spec,shapes", [
-    ("...k,kn->...n", ((2, 5, 16), (16, 12))),
-    ("bhqd,bhkd->bhqk", ((2, 3, 7, 8), (2, 3, 9, 8))),
-    ("bhqk,bhkd->bhqd", ((2, 3, 7, 9), (2, 3, 9, 8))),
-])
-def test_mixed_einsum_matches_float32_forward_and_backward(spec, shapes):
-  a, b = rand(*shapes[0], seed=1), rand(*shapes[1], seed=2)
-  w = rand(*jnp.einsum(spec, a, b).shape, seed=3)
-
-  def loss(fn, a, b):
-    return jnp.sum(fn(spec, a, b).astype(jnp.float32) * w)
-
-  ref = jax.value_and_grad(lambda a, b: loss(jnp.einsum, a, b), argnums=(0, 1))(a, b)
-  # bf16 activations against float32 weights (the Linear case) and bf16 × bf16 (attention).
-  for a_in in (a.astype(BF16), a):
-    out, (da, db) = jax.jit(jax.value_and_grad(
-        lambda a, b: loss(precision.einsum, a, b), argnums=(0, 1)))(a_in, b.astype(BF16))
-    assert precision.einsum(spec, a_in, b.astype(BF16)).dtype == BF16
-    assert da.dtype == a_in.dtype and db.dtype == BF16
-    assert rel_err(out, ref[0]) < 2e-2
-    assert rel_err(da, ref[1][0]) < 2e-2 and rel_err(db, ref[1][1]) < 2e-2
-  # float32 operands: exactly jnp.einsum.
-  np.testing.assert_array_equal(precision.einsum(spec, a, b), jnp.einsum(spec, a, b))
-
-
-def test_mixed_einsum_rejects_specs_its_gradient_does_not_cover():
-  a = rand(3, 4).astype(BF16)
-  for spec in ("ij,jk", "ii,ij->j", "ij,jk->k", "ij,jk->ik,k"):
-    with pytest.raises(ValueError, match=r"precision\.einsum"):
-      precision.einsum(spec, a, a)
 
 
 def test_bf16_linear_is_mixed_precision_with_float32_gradients():
@@ -96,13 +65,39 @@ def test_add_bias_gradient_is_a_float32_sum():
   assert rel_err(gb, np.sum(2 * np.asarray(y), axis=(0, 1))) < 2e-2
 
 
-def test_bf16_attention_matches_float32_attention():
-  q, k, v = (rand(2, 9, 3, 8, seed=s) for s in (1, 2, 3))
-  ref = jax.nn.dot_product_attention(q, k, v)
-  out = precision.attention(q.astype(BF16), k.astype(BF16), v.astype(BF16))
-  assert out.dtype == BF16 and out.shape == ref.shape
-  assert rel_err(out, ref) < 2e-2
-  np.testing.assert_array_equal(precision.attention(q, k, v), ref)
+def test_bf16_attention_matches_float32_forward_and_backward():
+  """Both bf16 forms (the inference primal and the training forward) and the gradient of the
+  fused qkv against float32 attention; float32 inputs are exactly jax.nn's attention."""
+  qkv = rand(2, 9, 3, 3, 8, seed=1)
+  w = rand(2, 9, 3, 8, seed=2)
+
+  def loss(attn, qkv):
+    return jnp.sum(attn(qkv).astype(jnp.float32) * w)
+
+  def reference(qkv):
+    return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+
+  ref, ref_grad = jax.value_and_grad(loss, argnums=1)(reference, qkv)
+  out = jax.jit(precision.attention)(qkv.astype(BF16))
+  value, grad = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)(
+      precision.attention, qkv.astype(BF16))
+  assert out.dtype == BF16 and out.shape == (2, 9, 3, 8) and grad.dtype == BF16
+  assert rel_err(out, reference(qkv)) < 2e-2
+  assert rel_err(value, ref) < 2e-2
+  assert rel_err(grad, ref_grad) < 3e-2
+  np.testing.assert_array_equal(precision.attention(qkv), reference(qkv))
+
+
+def test_gelu_matches_flax_tanh_gelu_and_its_gradient():
+  x = 3 * rand(4, 33, seed=7)
+  ref, ref_grad = jax.value_and_grad(lambda x: jnp.sum(nnx.gelu(x, approximate=True) ** 2))(x)
+  value, grad = jax.value_and_grad(lambda x: jnp.sum(precision.gelu(x) ** 2))(x)
+  np.testing.assert_allclose(precision.gelu(x), nnx.gelu(x, approximate=True), rtol=1e-6,
+                             atol=1e-6)
+  np.testing.assert_allclose(value, ref, rtol=1e-5)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-5)
+  gb = jax.grad(lambda x: jnp.sum(precision.gelu(x).astype(jnp.float32) ** 2))(x.astype(BF16))
+  assert gb.dtype == BF16 and rel_err(gb, ref_grad) < 2e-2
 
 
 def dit(adaln, seed=0, **kw):
@@ -134,7 +129,7 @@ def test_adaln_single_parameters_and_identity_start():
   t = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 4, 4)), jnp.float32)
   x = single.patch_embed(models.dit.patchify(z, 2))
   cond = single.dense_conditioning(single.token_levels(t), single.class_embed(labels)[:, None])
-  cond = cond._replace(shared=cond.per_token(single.shared_adaln(cond.rows)))
+  cond = single.shared_modulation(cond)
   np.testing.assert_array_equal(single.blocks[0](x, cond), x)
 
 

@@ -55,12 +55,15 @@ class Conditioning(NamedTuple):
 
   `rows: [B, R, d]` with R = 1 (scalar levels: broadcast), R = N (dense: one row per token) or
   R = K (slots: token i reads row `index[b, i]`). `shared` (adaLN-single only): the shared
-  projection's `[B, N or 1, 6d]` modulation per token, computed once for all blocks.
+  projection's modulation per token, computed once for all blocks, as its six `[B, N or 1, d]`
+  chunks (shift, scale, gate of the attention, then of the MLP). Chunks, not one `[.., 6d]`
+  array: each block then adds its table chunk by chunk, and the backward pass never
+  concatenates a `[B, N, 6d]` gradient per block.
   """
 
   rows: Array
   index: Array | None = None
-  shared: Array | None = None
+  shared: tuple[Array, ...] | None = None
 
   def per_token(self, rows: Array) -> Array:
     """Maps a row-wise function's output `[B, R, D]` to tokens: `[B, N, D]` or `[B, 1, D]`."""
@@ -129,8 +132,7 @@ class Attention(nnx.Module):
   def __call__(self, x: Array) -> Array:
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    h = precision.attention(q, k, v, implementation=self.implementation)
+    h = precision.attention(qkv, implementation=self.implementation)
     return self.proj(h.reshape(b, n, d))
 
 
@@ -140,7 +142,10 @@ class Mlp(nnx.Module):
     self.fc2 = Linear(hidden, dim, kernel_init=_xavier, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    return self.fc2(nnx.gelu(self.fc1(x), approximate=True))
+    h = self.fc1(x)
+    # bf16: the mixed-precision GELU (one pass forward and backward); float32: flax's.
+    h = precision.gelu(h) if h.dtype == precision.BF16 else nnx.gelu(h, approximate=True)
+    return self.fc2(h)
 
 
 class DiTBlock(nnx.Module):
@@ -164,10 +169,10 @@ class DiTBlock(nnx.Module):
 
   def __call__(self, x: Array, cond: Conditioning) -> Array:
     if self.adaln is not None:
-      m = cond.per_token(self.adaln(cond.rows))
+      m = jnp.split(cond.per_token(self.adaln(cond.rows)), 6, axis=-1)
     else:
-      m = precision.add_bias(cond.shared, self.table[...])
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(m, 6, axis=-1)
+      m = [precision.add_bias(s, t) for s, t in zip(cond.shared, jnp.split(self.table[...], 6))]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = m
     x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
     return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -341,13 +346,20 @@ class DiT(nnx.Module):
     t = common.repeat_spatial(t, self.level_patch_size // self.patch_size, len(self.grid))
     return t.reshape(t.shape[0], self.num_tokens)
 
+  def shared_modulation(self, cond: Conditioning) -> Conditioning:
+    """adaLN-single: adds the shared projection's six modulation chunks (once for all blocks);
+    DiT's adaLN: `cond` unchanged."""
+    if self.shared_adaln is None:
+      return cond
+    shared = cond.per_token(self.shared_adaln(cond.rows))
+    return cond._replace(shared=tuple(jnp.split(shared, 6, axis=-1)))
+
   def forward_tokens(self, z: Array, cond: Conditioning) -> Array:
     """The transformer on patchified `z` under a given conditioning → `[B, N, p^n C_out]`."""
     x = self.patch_embed(patchify(z.astype(self.compute_dtype), self.patch_size))
     pos = sincos_position_embedding(self.grid, self.hidden_size)
     x = x + jnp.asarray(pos, x.dtype)
-    if self.shared_adaln is not None:
-      cond = cond._replace(shared=cond.per_token(self.shared_adaln(cond.rows)))
+    cond = self.shared_modulation(cond)
     if self.scan_layers:
       body = common.rematerialised(_run_block, self.remat, prevent_cse=False)
       x = nnx.scan(body, in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)(self.blocks, x, cond)

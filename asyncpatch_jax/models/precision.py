@@ -1,4 +1,4 @@
-"""Mixed-precision matmuls: bf16 operands, float32 accumulation, forward and backward.
+"""Mixed precision: bf16 operands, float32 accumulation, forward and backward.
 
 With `model.dtype='bfloat16'` every weight matmul and attention product takes bf16 operands,
 accumulates in float32 (`preferred_element_type`) and rounds the result to bf16: what
@@ -6,19 +6,20 @@ accelerators do natively. Spelling it out matters on CPUs: XLA runs a bf16 × bf
 the AMX / AVX512-BF16 kernels (0.8-1.5 TFLOP/s on this project's 2-core Xeon, against about
 0.25 for float32), while a bf16-output dot takes a slow generic path (about 0.15), and plain
 autodiff of the f32-accumulating form hands the backward matmuls float32 cotangents (float32
-dots again). `einsum` is therefore a custom-VJP op whose backward pass rounds the cotangent to
-bf16 and accumulates both gradient matmuls in float32 as well.
+dots again). The ops here are therefore custom-VJP ops whose backward passes round the cotangent
+to bf16 and accumulate their matmuls in float32 as well:
 
-`Linear` is `nnx.Linear` (same parameters) with this behaviour for `dtype='bfloat16'`; float32
-operands take the plain `jnp.einsum` / `nnx.Linear`: the float32 model is unchanged, bit for
-bit. `attention` is softmax attention on `[B, N, heads, head_dim]` built from `einsum` (bf16) or
-`jax.nn.dot_product_attention` (float32, or `implementation='cudnn'`).
+  - `Linear`: `nnx.Linear` (same parameters), float32 weight and bias gradients;
+  - `attention`: softmax attention on fused `[B, N, 3, heads, head_dim]` queries, keys and
+    values (`mixed_attention`; float32 inputs or `implementation='cudnn'` go to
+    `jax.nn.dot_product_attention`);
+  - `gelu` (tanh approximation) and `add_bias`: elementwise ops whose autodiff XLA:CPU runs
+    slowly at this size.
+
+Float32 operands take the plain flax / jax ops: the float32 model is unchanged, bit for bit.
 """
 
 from __future__ import annotations
-
-import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -29,74 +30,73 @@ Array = jax.Array
 BF16 = jnp.dtype(jnp.bfloat16)
 
 
-def _terms(spec: str) -> tuple[str, str, str]:
-  """`'ab,bc->ac'` → `('ab', 'bc', 'ac')`, checking that the gradient formula of `_einsum_bwd`
-  holds: every index appears in at least two of the three terms (all three: a batch index), once
-  in each (no traces, no index summed within one operand)."""
-  match = re.fullmatch(r"\s*([\w.]*)\s*,\s*([\w.]*)\s*->\s*([\w.]*)\s*", spec)
-  if match is None:
-    raise ValueError(f"precision.einsum takes two operands and an explicit output, "
-                     f"'ab,bc->ac', got {spec!r}")
-  terms = match.groups()
-  letters = [t.replace("...", "") for t in terms]
-  for letter in set("".join(letters)):
-    if sum(letter in t for t in letters) < 2 or any(t.count(letter) > 1 for t in letters):
-      raise ValueError(f"precision.einsum: index {letter!r} of {spec!r} must appear in at least "
-                       f"two of the three terms, once in each")
-  if sum("..." in t for t in terms) not in (0, 2):
-    raise ValueError(f"precision.einsum: '...' of {spec!r} must appear in exactly two terms")
-  return terms
+def attention(qkv: Array, *, implementation: str | None = None) -> Array:
+  """Softmax self-attention of fused `[B, N, 3, heads, head_dim]` queries, keys and values →
+  `[B, N, heads, head_dim]`.
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _mixed_einsum(spec: str, a: Array, b: Array, out_dtype: str) -> Array:
-  out = jnp.einsum(spec, a.astype(BF16), b.astype(BF16), preferred_element_type=jnp.float32)
-  return out.astype(out_dtype)
-
-
-def _einsum_fwd(spec, a, b, out_dtype):
-  # Dtypes travel as zero-size arrays: residuals must be JAX types.
-  dtypes = (jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
-  return _mixed_einsum(spec, a, b, out_dtype), (a.astype(BF16), b.astype(BF16), dtypes)
-
-
-def _einsum_bwd(spec, out_dtype, residuals, g):
-  a, b, (a_dtype, b_dtype) = residuals
-  sa, sb, so = _terms(spec)
-  g = g.astype(BF16)
-  da = jnp.einsum(f"{so},{sb}->{sa}", g, b, preferred_element_type=jnp.float32)
-  db = jnp.einsum(f"{sa},{so}->{sb}", a, g, preferred_element_type=jnp.float32)
-  return da.astype(a_dtype.dtype), db.astype(b_dtype.dtype)
-
-
-_mixed_einsum.defvjp(_einsum_fwd, _einsum_bwd)
-
-
-def einsum(spec: str, a: Array, b: Array, *, out_dtype=None) -> Array:
-  """`jnp.einsum(spec, a, b)`; if either operand is bf16, the mixed-precision form: bf16
-  operands, float32 accumulation, result in `out_dtype` (default bf16), and the same in the
-  backward pass. `spec` names two operands and the output; each index appears in two or three
-  terms."""
-  if jnp.dtype(a.dtype) != BF16 and jnp.dtype(b.dtype) != BF16:
-    return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
-  _terms(spec)
-  return _mixed_einsum(spec, a, b, str(jnp.dtype(out_dtype or BF16)))
-
-
-def attention(q: Array, k: Array, v: Array, *, implementation: str | None = None) -> Array:
-  """Softmax self-attention of `[B, N, heads, head_dim]` queries, keys and values.
-
-  bf16 inputs (and `implementation` None or 'xla'): scores and the weighted sum through the
-  mixed-precision `einsum` (heads moved next to the batch, the layout XLA:CPU's bf16 kernels
-  take), softmax in float32. Otherwise `jax.nn.dot_product_attention` with `implementation`.
+  bf16 inputs (and `implementation` None or 'xla'): `mixed_attention`. Otherwise
+  `jax.nn.dot_product_attention` with `implementation` (cuDNN flash attention on GPUs).
   """
-  if implementation == "cudnn" or jnp.dtype(q.dtype) != BF16:
+  if implementation == "cudnn" or jnp.dtype(qkv.dtype) != BF16:
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-  scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
-  logits = einsum("bhqd,bhkd->bhqk", q, k, out_dtype=jnp.float32) * scale
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
+  return mixed_attention(qkv)
+
+
+def _attention_scale(q: Array) -> np.float32:
+  return np.float32(1.0 / np.sqrt(q.shape[-1]))
+
+
+def _scaled(q: Array) -> Array:
+  # The 1/√d scale on the queries, not on the [.., N, N] scores: XLA:CPU's fused product kernels
+  # take a scalar factor as a materialised [B, heads, N, N] operand.
+  return (q * _attention_scale(q)).astype(q.dtype)
+
+
+@jax.custom_vjp
+def mixed_attention(qkv: Array) -> Array:
+  """Attention of bf16 `qkv: [B, N, 3, heads, d]`: float32 scores and softmax, bf16 products
+  with float32 accumulation, written for XLA:CPU's kernels (on accelerators, plain einsums).
+
+  Inference (this primal): heads moved next to the batch, where XLA:CPU fuses both products and
+  the softmax into one kernel (computed in float32), its fastest forward pass. Training
+  (`_attention_fwd`, `_attention_bwd`): every product is a bf16 × bf16 → f32 einsum on the
+  `[B, N, heads, d]` layout the qkv projection produces, in operand orders XLA:CPU keeps in
+  bf16 (after an explicit transpose it silently upcasts a batched product to a float32 one,
+  3-4× slower; 'bqhd,bhqk->bkhd' even fails to run); the probabilities are kept for the
+  backward pass, which returns the fused `[B, N, 3, heads, d]` gradient in one piece.
+  """
+  q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+  logits = jnp.einsum("bhqd,bhkd->bhqk", _scaled(q), k, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1).astype(BF16)
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs, v, preferred_element_type=jnp.float32)
+  return out.astype(BF16).transpose(0, 2, 1, 3)
+
+
+def _attention_fwd(qkv):
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", _scaled(q), k, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1).astype(BF16)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(BF16)
+  return out, (qkv, probs, out)
+
+
+def _attention_bwd(residuals, g):
+  qkv, probs, out = residuals
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  g = g.astype(BF16)
+  dv = jnp.einsum("bhqk,bqhd->bkhd", probs, g, preferred_element_type=jnp.float32)
+  dprobs = jnp.einsum("bqhd,bkhd->bhqk", g, v, preferred_element_type=jnp.float32)
+  # Softmax backward: dlogits = p (dp − Σ_k p dp), with Σ_k p dp = Σ_d g·out.
+  rowdot = jnp.einsum("bqhd,bqhd->bhq", g, out, preferred_element_type=jnp.float32)
+  dlogits = (probs * (dprobs - rowdot[..., None])).astype(BF16)
+  scale = _attention_scale(q)
+  dq = scale * jnp.einsum("bhqk,bkhd->bqhd", dlogits, k, preferred_element_type=jnp.float32)
+  dk = scale * jnp.einsum("bhqk,bqhd->bkhd", dlogits, q, preferred_element_type=jnp.float32)
+  return (jnp.stack([dq, dk, dv], axis=2).astype(BF16),)
+
+
+mixed_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 @jax.custom_vjp
@@ -122,6 +122,33 @@ def _dense_bwd(residuals, g):
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+_GELU_C = np.float32(np.sqrt(2.0 / np.pi))
+_GELU_A = np.float32(0.044715)
+
+
+@jax.custom_vjp
+def gelu(x: Array) -> Array:
+  """GELU, tanh approximation (DiT's), computed in float32 and returned in x's dtype, with a
+  hand-written derivative: one elementwise pass over x and the cotangent (autodiff of the tanh
+  form takes several passes over the `[B, N, 4d]` activations, a large cost on CPUs)."""
+  xf = x.astype(jnp.float32)
+  return (0.5 * xf * (1.0 + jnp.tanh(_GELU_C * (xf + _GELU_A * xf**3)))).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+  return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+  xf = x.astype(jnp.float32)
+  t = jnp.tanh(_GELU_C * (xf + _GELU_A * xf**3))
+  slope = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * xf * xf)
+  return ((g.astype(jnp.float32) * slope).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 @jax.custom_vjp

@@ -124,8 +124,7 @@ class AttentionBlock(nnx.Module):
   def __call__(self, x: Array) -> Array:
     b, c = x.shape[0], x.shape[-1]
     qkv = self.qkv(self.norm(x)).reshape(b, -1, 3, self.num_heads, c // self.num_heads)
-    h = precision.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                            implementation=self.implementation)
+    h = precision.attention(qkv, implementation=self.implementation)
     return x + self.proj(h.reshape(b, -1, c)).reshape(x.shape)
 
 

@@ -27,7 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
   # 'bfloat16': bf16 matmuls with float32 accumulation (models/precision.py), on accelerators
   # and on CPUs with AMX / AVX512-BF16 alike; parameters and optimizer stay float32.
   config.dtype = "float32"
-  # Attention: None or 'xla' run XLA's (bf16: models/precision.py's mixed-precision einsums);
+  # Attention: None or 'xla' run XLA's (bf16: models/precision.py's mixed_attention);
   # 'cudnn' is jax.nn.dot_product_attention's cuDNN flash attention (GPUs, bf16/fp16).
   config.attention_impl = ml_collections.config_dict.placeholder(str)
   # Recompute each block in the backward pass: '' (off), 'full', 'dots_saveable' or

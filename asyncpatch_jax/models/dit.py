@@ -142,10 +142,7 @@ class Mlp(nnx.Module):
     self.fc2 = Linear(hidden, dim, kernel_init=_xavier, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    h = self.fc1(x)
-    # bf16: the mixed-precision GELU (one pass forward and backward); float32: flax's.
-    h = precision.gelu(h) if h.dtype == precision.BF16 else nnx.gelu(h, approximate=True)
-    return self.fc2(h)
+    return self.fc2(precision.gelu(self.fc1(x)))
 
 
 class DiTBlock(nnx.Module):

@@ -128,17 +128,24 @@ _GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 _GELU_A = np.float32(0.044715)
 
 
-@jax.custom_vjp
 def gelu(x: Array) -> Array:
-  """GELU, tanh approximation (DiT's), computed in float32 and returned in x's dtype, with a
-  hand-written derivative: one elementwise pass over x and the cotangent (autodiff of the tanh
-  form takes several passes over the `[B, N, 4d]` activations, a large cost on CPUs)."""
+  """GELU, tanh approximation (DiT's). bf16: `_mixed_gelu`; float32: flax's `nnx.gelu`."""
+  if jnp.dtype(x.dtype) != BF16:
+    return nnx.gelu(x, approximate=True)
+  return _mixed_gelu(x)
+
+
+@jax.custom_vjp
+def _mixed_gelu(x: Array) -> Array:
+  """Computed in float32, returned in bf16, with a hand-written derivative: one elementwise pass
+  over x and the cotangent (autodiff of the tanh form takes several passes over the
+  `[B, N, 4d]` activations, a large cost on CPUs)."""
   xf = x.astype(jnp.float32)
   return (0.5 * xf * (1.0 + jnp.tanh(_GELU_C * (xf + _GELU_A * xf**3)))).astype(x.dtype)
 
 
 def _gelu_fwd(x):
-  return gelu(x), x
+  return _mixed_gelu(x), x
 
 
 def _gelu_bwd(x, g):
@@ -148,7 +155,7 @@ def _gelu_bwd(x, g):
   return ((g.astype(jnp.float32) * slope).astype(x.dtype),)
 
 
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+_mixed_gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 @jax.custom_vjp

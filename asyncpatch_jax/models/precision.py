@@ -135,13 +135,17 @@ def gelu(x: Array) -> Array:
   return _mixed_gelu(x)
 
 
+def _gelu_tanh(xf: Array) -> Array:
+  return jnp.tanh(_GELU_C * (xf + _GELU_A * xf**3))
+
+
 @jax.custom_vjp
 def _mixed_gelu(x: Array) -> Array:
   """Computed in float32, returned in bf16, with a hand-written derivative: one elementwise pass
   over x and the cotangent (autodiff of the tanh form takes several passes over the
   `[B, N, 4d]` activations, a large cost on CPUs)."""
   xf = x.astype(jnp.float32)
-  return (0.5 * xf * (1.0 + jnp.tanh(_GELU_C * (xf + _GELU_A * xf**3)))).astype(x.dtype)
+  return (0.5 * xf * (1.0 + _gelu_tanh(xf))).astype(x.dtype)
 
 
 def _gelu_fwd(x):
@@ -150,7 +154,7 @@ def _gelu_fwd(x):
 
 def _gelu_bwd(x, g):
   xf = x.astype(jnp.float32)
-  t = jnp.tanh(_GELU_C * (xf + _GELU_A * xf**3))
+  t = _gelu_tanh(xf)
   slope = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * xf * xf)
   return ((g.astype(jnp.float32) * slope).astype(x.dtype),)
 

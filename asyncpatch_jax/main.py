@@ -15,10 +15,13 @@ detects, `jax.distributed` initialises itself; elsewhere pass --coordinator_addr
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from asyncpatch_jax.train import file_paths
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run configuration: configs/NAME.py, optionally with :debug.",
@@ -73,11 +76,25 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise SystemExit(f"FATAL: {e}\nPass --help for the flags.") from e
 
 
+def resolve_paths(config: Any, workdir: str) -> tuple[Any, str]:
+  """`--workdir`, the config's path fields and `--jax_compilation_cache_dir` made absolute
+  (`train/file_paths.py`), so that no later step depends on the current directory; logged."""
+  config, workdir, changed = file_paths.resolve(config, workdir)
+  cache_dir = jax.config.jax_compilation_cache_dir
+  if cache_dir and file_paths.absolute(cache_dir) != cache_dir:
+    jax.config.update("jax_compilation_cache_dir", file_paths.absolute(cache_dir))
+    changed["--jax_compilation_cache_dir"] = (cache_dir, file_paths.absolute(cache_dir))
+  for name, (given, resolved) in changed.items():
+    logging.info("%s=%s resolved to %s", name, given, resolved)
+  logging.info("workdir: %s", workdir)
+  return config, workdir
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   initialize_distributed()
-  config = _CONFIG.value
+  config, workdir = resolve_paths(_CONFIG.value, _WORKDIR.value)
   if config.data.source == "tfds":
     try:  # TFDS may import TensorFlow: keep it off the accelerators JAX uses.
       import tensorflow as tf
@@ -88,16 +105,16 @@ def main(argv: list[str]) -> None:
                jax.process_count(), jax.local_devices())
   if _MODE.value == "train":
     from asyncpatch_jax.train import trainer
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+    trainer.train_and_evaluate(config, workdir)
   elif _MODE.value == "sample":
     from asyncpatch_jax.train import sample_cli
-    sample_cli.sample_from_checkpoint(config, _WORKDIR.value)
+    sample_cli.sample_from_checkpoint(config, workdir)
   elif _MODE.value == "inpaint":
     from asyncpatch_jax.train import sample_cli
-    sample_cli.inpaint_from_checkpoint(config, _WORKDIR.value)
+    sample_cli.inpaint_from_checkpoint(config, workdir)
   else:
     from asyncpatch_jax.train import evaluate
-    evaluate.evaluate(config, _WORKDIR.value)
+    evaluate.evaluate(config, workdir)
 
 
 if __name__ == "__main__":

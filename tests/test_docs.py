@@ -18,8 +18,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHOD = ROOT / "docs" / "method.md"
-# A pointer to the `shared` folder beside the repository, with either kind of slash.
-OUTSIDE = re.compile(r"\.\.[/\\]+shared\b")
+# A pointer to the `shared` folder beside the repository (either kind of slash), or to the
+# method and style notes that live there under any path.
+OUTSIDE = re.compile(r"\.\.[/\\]+shared\b|\bshared[/\\]+(?:METHOD|STYLE)\.md")
 # Inline links and images `[text](target)` / `![alt](target "title")`, read from their `](`
 # so that a linked image `[![alt](image)](target)` gives both; reference definitions `[id]: target`.
 INLINE_LINK = re.compile(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -157,8 +158,9 @@ def test_link_checker_catches_bad_links():
   assert "does not exist" in problems[1]
   assert "no heading" in problems[2]
   assert "no_badge.png" in problems[3]
-  up = ".."  # spelt apart so that this file does not point outside itself
-  assert OUTSIDE.search(f"see {up}/shared/METHOD.md") and OUTSIDE.search(up + "\\shared")
+  up, folder = "..", "shared"  # spelt apart so that this file does not point outside itself
+  assert OUTSIDE.search(f"see {up}/{folder}/METHOD.md") and OUTSIDE.search(f"{up}\\{folder}")
+  assert OUTSIDE.search(f"/work/{folder}/STYLE.md")
   assert not OUTSIDE.search("--workdir /shared/runs")
 
 

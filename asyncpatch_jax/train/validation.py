@@ -25,6 +25,7 @@ from asyncpatch_jax.models import embeddings as model_embeddings
 from asyncpatch_jax.models import registry as model_registry
 from asyncpatch_jax.sampling import masks
 from asyncpatch_jax.sampling import sampler as sampler_lib
+from asyncpatch_jax.train import file_paths
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
 from asyncpatch_jax.train import state as state_lib
@@ -179,10 +180,11 @@ def validate_topology(config: Any, devices: list[jax.Device] | None = None) -> t
 
 
 def check_workdir(workdir: str | epath.Path) -> epath.Path:
-  """Creates `workdir` if needed and proves it writable (each process probes its own file)."""
+  """Creates `workdir` if needed and proves it writable (each process probes its own file).
+  Returns it absolute (a relative one against the current directory; URLs as they are)."""
   if not str(workdir):
     raise ConfigError("--workdir is required")
-  path = epath.Path(workdir)
+  path = epath.Path(file_paths.absolute(str(workdir)))
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write_probe_{jax.process_index()}_{uuid.uuid4().hex[:8]}"

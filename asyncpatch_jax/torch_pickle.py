@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import IO, Any
 
 import numpy as np
+from etils import epath
 
 # Legacy typed storages (`torch.FloatStorage`) and dtype objects (`torch.float32`) → numpy.
 _STORAGE_DTYPES = {
@@ -136,14 +137,16 @@ def archive_root(archive: zipfile.ZipFile, what: str, kind: str = "PyTorch zip a
 
 def load(path: str | os.PathLike[str],
          allowed: Mapping[tuple[str, str], Any] = TENSOR_GLOBALS) -> Any:
-  """The object a `torch.save` zip holds, tensors as numpy arrays; refuses any global outside
-  `allowed`. Pre-1.6 (non-zip) files are refused with the way to convert them."""
+  """The object a `torch.save` zip holds (a local or `epath` path, e.g. `gs://`), tensors as
+  numpy arrays; refuses any global outside `allowed`. Pre-1.6 (non-zip) files are refused with
+  the way to convert them."""
   path = os.fspath(path)
-  if not zipfile.is_zipfile(path):
-    raise ValueError(
-        f"{path} is not a PyTorch zip archive; files written by torch < 1.6 use the legacy "
-        f"format: re-save them once with `torch.save(torch.load(f), f)` under torch >= 1.6")
-  with zipfile.ZipFile(path) as archive:
-    root = archive_root(archive, path)
-    with archive.open(f"{root}/data.pkl") as f:
-      return TorchZipUnpickler(f, archive, root, allowed, path).load()
+  with epath.Path(path).open("rb") as f:
+    if not zipfile.is_zipfile(f):
+      raise ValueError(
+          f"{path} is not a PyTorch zip archive; files written by torch < 1.6 use the legacy "
+          f"format: re-save them once with `torch.save(torch.load(f), f)` under torch >= 1.6")
+    with zipfile.ZipFile(f) as archive:
+      root = archive_root(archive, path)
+      with archive.open(f"{root}/data.pkl") as data:
+        return TorchZipUnpickler(data, archive, root, allowed, path).load()

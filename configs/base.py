@@ -45,6 +45,11 @@ def defaults() -> ml_collections.ConfigDict:
   config.seed = 0
   config.num_steps = 400_000          # optimizer updates (also the LR schedule's horizon)
   config.train_minutes = 0.0          # wall-clock training budget; 0 = run num_steps
+  # A DiT checkpoint (facebookresearch/DiT's DiT-XL-2-256x256.pt, or one its train.py wrote)
+  # whose (EMA) weights start a fresh run; optimizer, EMAs and step start fresh. Needs
+  # model.name='dit', adaln='block', level_embedding='dit', parametrization='eps' (README,
+  # "Fine-tuning DiT-XL/2"). A run that resumes from its own checkpoint ignores it.
+  config.init_from = ""
 
   config.model = models.default_config()
 

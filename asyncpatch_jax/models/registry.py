@@ -22,7 +22,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.uncertainty = False  # add the per-element log-variance head
   config.num_classes = 0  # 0: unconditional; else labels in [0, num_classes), null = num_classes
   config.label_dropout = 0.1  # p of the null label in training (used by the train step)
-  config.level_embedding = "t"  # sinusoid of 't' or of 'log_snr' (schedule-independent)
+  # The sinusoid's input: 't', 'log_snr' (schedule-independent) or 'dit' (the official DiT's
+  # timestep of equal log-SNR: what pretrained DiT weights read; models/embeddings.py).
+  config.level_embedding = "t"
   config.level_slots = 8  # K distinct levels per example on the fast path at inference; 0: off
   # 'bfloat16': bf16 matmuls with float32 accumulation (models/precision.py), on accelerators
   # and on CPUs with AMX / AVX512-BF16 alike; parameters and optimizer stay float32.

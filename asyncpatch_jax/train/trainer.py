@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
@@ -21,6 +22,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from asyncpatch_jax import data as data_lib
+from asyncpatch_jax.models import dit_weights
 from asyncpatch_jax.train import checkpoint as ckpt_lib
 from asyncpatch_jax.train import evaluate as eval_lib
 from asyncpatch_jax.train import mesh as mesh_lib
@@ -108,6 +110,25 @@ class _Clock:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(local)))
 
 
+def start_from_dit(config: Any, setup: state_lib.StateSetup) -> state_lib.TrainState:
+  """A fresh state whose parameters are the DiT checkpoint `config.init_from`: step 0, a fresh
+  optimizer, EMAs equal to the weights. The file is read, mapped and checked against the network
+  (models/dit_weights.py) before anything compiles."""
+  model = setup.model_def.merge(setup.abstract.params, setup.abstract.model_state)
+  params, notes = dit_weights.dit_params(dit_weights.read_checkpoint(config.init_from), model)
+  for note in notes:
+    logging.info("init_from: %s", note)
+  params = jax.tree.map(lambda v, sharding: jax.make_array_from_callback(
+      v.shape, sharding, lambda index: v[index]), params, setup.shardings.params)
+
+  def start(state: state_lib.TrainState, params: Any) -> state_lib.TrainState:
+    return state.replace(params=params, opt_state=setup.tx.init(params),
+                         ema={name: jax.tree.map(jnp.copy, params) for name in state.ema})
+
+  return jax.jit(start, donate_argnums=0, out_shardings=setup.shardings)(setup.init(config),
+                                                                         params)
+
+
 def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
                        writer: metric_writers.MetricWriter | None = None
                        ) -> state_lib.TrainState:
@@ -139,11 +160,14 @@ def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
   if latest is not None:
     # The newest checkpoint that restores; damaged newer ones are skipped and moved aside.
     state = checkpointer.restore(None, setup.abstract, train_data.iterator)
+  elif config.get("init_from"):
+    state = start_from_dit(config, setup)
   else:
     state = setup.init(config)
   initial_step = int(state.step)
   logging.info("Starting at step %d of %d (%s)", initial_step, num_steps,
-               "resumed" if latest is not None else "fresh")
+               "resumed" if latest is not None else
+               f"from DiT weights {config.init_from}" if config.get("init_from") else "fresh")
 
   if initial_step == 0:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()

@@ -99,6 +99,9 @@ def validate_config(config: Any) -> None:
     _require(0.0 <= float(model.label_dropout) < 1.0,
              f"model.label_dropout must lie in [0, 1), got {model.label_dropout}")
 
+  if config.get("init_from"):
+    _validate_init_from(config)
+
   opt = config.optimizer
   _require(float(opt.learning_rate) > 0, "optimizer.learning_rate must be positive")
   _require(opt.schedule in opt_lib.SCHEDULES,
@@ -157,6 +160,26 @@ def _validate_latents(config: Any) -> None:
            "set it to 0 for data.source='latents'")
 
 
+def _validate_init_from(config: Any) -> None:
+  """`init_from`: DiT weights, read into our DiT where it computes DiT's function
+  (models/dit_weights.py checks the file's names and shapes when it is read)."""
+  model, path = config.model, str(config.init_from)
+  _require(model.name == "dit" and model.get("adaln", "block") == "block",
+           f"init_from={path!r} holds DiT weights, which fit our DiT with DiT's adaLN: set "
+           f"model.name='dit' and model.adaln='block' (got {model.name!r}, "
+           f"{model.get('adaln', 'block')!r})")
+  _require(model.level_embedding == "dit",
+           f"init_from: DiT's timestep embedder was trained on DiT's timesteps; set "
+           f"model.level_embedding='dit' (got {model.level_embedding!r})")
+  _require(model.parametrization == "eps",
+           f"init_from: DiT predicts ε; set model.parametrization='eps' (got "
+           f"{model.parametrization!r})")
+  _require(epath.Path(path).is_file(),
+           f"init_from={path!r} is not a file; download a released DiT (e.g. "
+           f"https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt) or pass a checkpoint "
+           f"written by DiT's train.py")
+
+
 def validate_topology(config: Any, devices: list[jax.Device] | None = None) -> tuple[int, int]:
   """Mesh shape vs devices, and the global batch vs the batch-splitting axes."""
   devices = jax.devices() if devices is None else devices
@@ -211,6 +234,7 @@ _FIELDS: tuple[tuple[str, str, Any, str], ...] = (
     ("seed", _INT, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("num_steps", _INT, lambda v: v > 0, "positive"),
     ("train_minutes", _FLOAT, lambda v: v >= 0, ">= 0 (0: run num_steps)"),
+    ("init_from", _STR, None, ""),
     ("data.source", _STR, None, ""),
     ("data.image_size", _INT, lambda v: v > 0, "positive"),
     ("data.channels", _INT, lambda v: v in (1, 3), "1 or 3"),

@@ -6,9 +6,41 @@ For a path τ: [0, 1] → [0, 1]^N (every coordinate non-decreasing, τ(0) = 0, 
             + ½ ∫₀¹ Σ_i (−d/ds SNR(τ_i(s))) E‖x_i − x̂_i(z(s), τ(s))‖² ds.
 
 Each coordinate is a time-changed 1-D diffusion, so frozen coordinates (τ_i' = 0) contribute
-nothing and the homogeneous path τ_i(s) = s is VDM's continuous-time ELBO. The integral is
-estimated with stratified s (a uniform offset per example, one sample per stratum), and
-d/ds SNR(τ(s)) = SNR · λ'(τ) · τ'(s) with τ'(s) from `jax.jvp` and λ' in closed form.
+nothing and the homogeneous path τ_i(s) = s is VDM's continuous-time ELBO.
+
+The diffusion integral I = ∫₀¹ F(s) ds, F(s) = Σ_i f_i(s), is estimated by importance sampling
+in s with a proposal built per token in log-SNR. Writing λ_i(s) = λ(τ_i(s)) and
+a_i(s) = −λ'(τ_i(s)) τ_i'(s) ≥ 0 (the speed at which token i's log-SNR falls),
+
+  f_i(s) = ½ a_i(s) · e^{λ_i} ‖x_i − x̂_i‖².
+
+For a near-optimal denoiser e^λ E‖x_i − x̂_i‖² ≈ n_i · sigmoid(λ + log d) (n_i elements of data
+variance d: the posterior variance d / (1 + d e^λ) times e^λ), so in λ every token's integrand
+has the same shape, and in s it is that shape pushed through τ_i. The proposal is the same
+push-forward of a density q on [λ_min, λ_max]:
+
+  q(λ) = (1 − η) sigmoid(λ + log d) / S + η / (λ_max − λ_min),   S = ∫ sigmoid(λ + log d) dλ,
+  p(s) = (1/N) Σ_i a_i(s) q(λ_i(s)),   G(s) = ∫₀ˢ p = (1/N) Σ_i Q(λ_i(s)),
+
+with Q(λ) = ∫_λ^{λ_max} q, closed-form through softplus. G runs from 0 to 1, so p is a
+density whose CDF is known exactly for any monotone path, and the weight
+
+  F(s) / p(s) = N Σ_i a_i ½ e^{λ_i} ‖x_i − x̂_i‖² / Σ_i a_i q(λ_i)
+
+cancels the path's speed a_i: along an ordered path (one token moving at a time) it is
+N ½ e^λ ‖x_k − x̂_k‖² / q(λ), free of the 1/t spike of the cosine schedule's λ'. The uniform
+share η (defensive mixture) bounds the weight where the sigmoid underestimates the integrand
+(a poor network at low SNR); η = 1 is the proposal uniform in λ.
+
+The M = `num_steps` draws are stratified in G: s_j = G⁻¹((j + u_j) / M) with an independent
+u_j ~ U(0, 1) per stratum and per example (G⁻¹ by bisection), so Î = (1/M) Σ_j F(s_j) / p(s_j) is
+unbiased for every example: E Î = Σ_j ∫_{stratum j} F = I. Each token carries mass 1/N of G,
+so along an ordered path with M = kN strata each token's segment gets k strata of its own with
+independent offsets; with M < N a stratum covers N/M tokens and picks one of them with the
+probability of its proposal mass, which the weight 1/p undoes (token subsampling, unbiased).
+Nothing here depends on the denoiser: two denoisers evaluated with the same `rng` see the same
+x0, s and noise (common random numbers), so per-example differences of their bounds have a far
+smaller variance than the bounds (`paired_difference`).
 """
 
 from __future__ import annotations
@@ -28,14 +60,44 @@ from asyncpatch_jax.diffusion.schedules import Schedule
 
 Array = jax.Array
 DATA_KINDS = ("continuous", "discrete8bit")
+DATA_VARIANCE = 0.25   # d of the proposal: a per-element variance typical of images in [-1, 1]
+UNIFORM_SHARE = 0.02   # η: the proposal's share uniform in λ
+BISECTION_STEPS = 30   # G⁻¹ to float32 resolution in s ∈ [0, 1]
 
 
-def diffusion_integrand(denoiser: Callable, x0: Array, s: Array, noise: Array, *,
-                        schedule: Schedule, path: Path, patch_size: PatchSize = 1) -> Array:
-  """½ Σ_i (−d/ds SNR(τ_i(s))) ‖x_i − x̂_i(z(s), τ(s))‖² per example.
+def _check_proposal_parameters(data_variance: float, uniform_share: float) -> None:
+  if not (math.isfinite(data_variance) and data_variance > 0):
+    raise ValueError(f"data_variance must be a positive number (the data's per-element "
+                     f"variance, ≈ 0.25 for images in [-1, 1]), got {data_variance}")
+  if not 0.0 <= uniform_share <= 1.0:
+    raise ValueError(f"uniform_share must lie in [0, 1] (1: uniform in log-SNR), got "
+                     f"{uniform_share}")
 
-  `s` is a scalar or one value per example `[B]`; `noise` is the ε of z(s).
+
+def log_snr_proposal(log_snr: Array, schedule: Schedule, data_variance: float = DATA_VARIANCE,
+                     uniform_share: float = UNIFORM_SHARE) -> tuple[Array, Array]:
+  """(q(λ), Q(λ) = ∫_λ^{λ_max} q) of the per-token proposal in log-SNR, elementwise.
+
+  q = (1 − η) sigmoid(λ + log d) / S + η / (λ_max − λ_min) integrates to 1 on
+  [λ_min, λ_max]; Q runs from 0 at λ_max to 1 at λ_min.
   """
+  lam = jnp.asarray(log_snr, jnp.float32)
+  lo, hi, c = schedule.log_snr_min, schedule.log_snr_max, math.log(data_variance)
+  softplus = lambda v: np.logaddexp(0.0, v)
+  mass = float(softplus(hi + c) - softplus(lo + c))  # S
+  density = ((1.0 - uniform_share) * jax.nn.sigmoid(lam + c) / mass
+             + uniform_share / (hi - lo))
+  # softplus(hi + c) − softplus(λ + c) = log(1 + (e^{hi−λ} − 1) / (1 + e^{−λ−c})), accurate
+  # as λ → hi, where most tokens of an ordered path sit at any s.
+  head = jnp.log1p(jnp.expm1(hi - lam) * jax.nn.sigmoid(lam + c))
+  cumulative = (1.0 - uniform_share) * head / mass + uniform_share * (hi - lam) / (hi - lo)
+  return density, cumulative
+
+
+def _token_terms(denoiser: Callable, x0: Array, s: Array, noise: Array, schedule: Schedule,
+                 path: Path, patch_size: PatchSize) -> tuple[Array, Array, Array]:
+  """Per token at `s` `[B]`: the log-SNR λ_i, the speed a_i = −dλ_i/ds ≥ 0, and
+  ½ e^{λ_i} ‖x_i − x̂_i(z(s), τ(s))‖², each `[B, *grid]`."""
   grid = token_grid(x0.shape, patch_size)
   s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), (x0.shape[0],))
   s = s.reshape((-1,) + (1,) * (len(grid) - 1))  # [B, 1, ..., 1]: broadcasts against the grid
@@ -43,10 +105,96 @@ def diffusion_integrand(denoiser: Callable, x0: Array, s: Array, noise: Array, *
   z = corrupt(x0, tau, noise, schedule, patch_size)
   x0_hat = as_prediction(denoiser(z, tau)).x0
   sq_err = tokens_sum(jnp.square(x0.astype(jnp.float32) - x0_hat), patch_size)
-  # −d/ds SNR(τ(s)) = −exp(λ(τ)) λ'(τ) τ'(s) ≥ 0; frozen tokens (τ' = 0) contribute nothing.
-  neg_dsnr = -jnp.exp(schedule.log_snr(tau)) * schedule.dlog_snr_dt(tau) * dtau
-  neg_dsnr = jnp.where(dtau > 0, neg_dsnr, 0.0)
-  return 0.5 * (neg_dsnr * sq_err).reshape(x0.shape[0], -1).sum(-1)
+  lam = schedule.log_snr(tau)
+  # −dλ/ds = −λ'(τ) τ'(s) ≥ 0; frozen tokens (τ' = 0) contribute nothing.
+  speed = jnp.where(dtau > 0, -schedule.dlog_snr_dt(tau) * dtau, 0.0)
+  return lam, speed, 0.5 * jnp.exp(lam) * sq_err
+
+
+def diffusion_integrand(denoiser: Callable, x0: Array, s: Array, noise: Array, *,
+                        schedule: Schedule, path: Path, patch_size: PatchSize = 1) -> Array:
+  """F(s) = ½ Σ_i (−d/ds SNR(τ_i(s))) ‖x_i − x̂_i(z(s), τ(s))‖² per example.
+
+  `s` is a scalar or one value per example `[B]`; `noise` is the ε of z(s).
+  """
+  _, speed, scaled_err = _token_terms(denoiser, x0, s, noise, schedule, path, patch_size)
+  return (speed * scaled_err).reshape(x0.shape[0], -1).sum(-1)
+
+
+def proposal_cdf(path: Path, s: Array, grid: tuple[int, ...], schedule: Schedule,
+                 data_variance: float = DATA_VARIANCE,
+                 uniform_share: float = UNIFORM_SHARE) -> Array:
+  """G(s) = (1/N) Σ_i Q(λ(τ_i(s))) for `s` `[B]`: the proposal's CDF in s, per example."""
+  s = jnp.asarray(s, jnp.float32).reshape((-1,) + (1,) * (len(grid) - 1))
+  tau = jnp.broadcast_to(path(s), grid)
+  _, cumulative = log_snr_proposal(schedule.log_snr(tau), schedule, data_variance, uniform_share)
+  return cumulative.reshape(grid[0], -1).mean(-1)
+
+
+def _inverse_cdf(cdf: Callable[[Array], Array], u: Array) -> Array:
+  """s with cdf(s) = u for a non-decreasing `cdf` on [0, 1], by bisection (elementwise in u)."""
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = 0.5 * (lo + hi)
+    below = cdf(mid) < u
+    return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+  lo, hi = jax.lax.fori_loop(0, BISECTION_STEPS, halve, (jnp.zeros_like(u), jnp.ones_like(u)))
+  return 0.5 * (lo + hi)
+
+
+def check_proposal(path: Path, grid: tuple[int, ...], schedule: Schedule,
+                   data_variance: float = DATA_VARIANCE, uniform_share: float = UNIFORM_SHARE,
+                   num_points: int = 129) -> None:
+  """Raises a ValueError where the proposal has no mass (in float32) on an interval of s on which
+  the path moves a token, so the integrand is not zero there but would never be sampled.
+
+  Evaluates the path at trace time; a path that depends on traced arrays is not checked.
+  """
+  _check_proposal_parameters(data_variance, uniform_share)
+  try:
+    with jax.ensure_compile_time_eval():
+      s = jnp.linspace(0.0, 1.0, num_points)
+      tau = jax.vmap(lambda u: jnp.broadcast_to(path(u), grid))(s)  # [P, *grid]
+      _, cumulative = log_snr_proposal(schedule.log_snr(tau), schedule, data_variance,
+                                       uniform_share)
+      tau = np.asarray(tau).reshape(num_points, grid[0], -1)
+      cdf = np.asarray(cumulative).reshape(num_points, grid[0], -1).mean(-1)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return  # the path depends on traced values
+  flat = (np.diff(tau, axis=0) > 0).any(-1) & (np.diff(cdf, axis=0) <= 0)  # [P − 1, B]
+  if flat.any():
+    where = np.flatnonzero(flat.any(-1))
+    raise ValueError(
+        f"the proposal density is zero (in float32) for s in [{s[where[0]]:.4g}, "
+        f"{s[where[-1] + 1]:.4g}], where the path moves tokens and the integrand is not zero: "
+        f"those levels would never be sampled. Raise uniform_share above {uniform_share} or "
+        f"bring data_variance ({data_variance}) closer to the data's per-element variance")
+
+
+def paired_difference(a: Array | np.ndarray, b: Array | np.ndarray) -> dict[str, float]:
+  """Mean and standard error of `a`, of `b` and of the per-example difference `a − b`.
+
+  With per-example bounds of two denoisers evaluated with the same `rng` (common random numbers)
+  the difference's standard error is the one that says whether one model is better.
+  """
+  a, b = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
+  if a.shape != b.shape:
+    raise ValueError(f"paired values need one value per example on both sides, got {a.size} "
+                     f"and {b.size}")
+  out = {}
+  for name, v in (("a", a), ("b", b), ("diff", a - b)):
+    out[name], out[f"{name}_se"] = mean_and_stderr(v)
+  # The unpaired standard error of the difference, for comparison.
+  out["diff_se_unpaired"] = math.hypot(out["a_se"], out["b_se"])
+  return out
+
+
+def mean_and_stderr(values: Array | np.ndarray) -> tuple[float, float]:
+  """The mean of per-example values and its standard error (nan for fewer than 2 values)."""
+  v = np.asarray(values, np.float64).reshape(-1)
+  se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
+  return float(v.mean()), se
 
 
 def prior_kl(x0: Array, schedule: Schedule) -> Array:
@@ -87,9 +235,13 @@ def _check_discrete(x0: Array) -> None:
 
 
 def nelbo(denoiser: Callable, x0: Array, rng: Array, *, schedule: Schedule, path: Path,
-          num_steps: int, patch_size: PatchSize = 1,
-          data: str = "continuous") -> dict[str, Array]:
+          num_steps: int, patch_size: PatchSize = 1, data: str = "continuous",
+          data_variance: float = DATA_VARIANCE,
+          uniform_share: float = UNIFORM_SHARE) -> dict[str, Array]:
   """The negative ELBO of each example along `path`, in nats, and bits per dimension.
+
+  Unbiased for every example; the module docstring derives the estimator of the diffusion term.
+  The same `rng` gives the same s and noise for any denoiser (common random numbers).
 
   Args:
     denoiser: `(z, t) -> x0_hat | Prediction`.
@@ -98,6 +250,9 @@ def nelbo(denoiser: Callable, x0: Array, rng: Array, *, schedule: Schedule, path
     path: `s -> level map`, see `asyncpatch_jax.diffusion.paths`.
     num_steps: number of strata in s (one network evaluation each).
     data: 'continuous' (Gaussian decoder, density) or 'discrete8bit' (probability mass).
+    data_variance: d of the proposal sigmoid(λ + log d) (the data's per-element variance; a
+      mismatch costs variance, never bias).
+    uniform_share: η, the proposal's share uniform in log-SNR.
 
   Returns:
     Per-example `[B]` arrays 'diffusion', 'prior', 'recon', 'total' (nats) and 'bpd', plus the
@@ -109,17 +264,25 @@ def nelbo(denoiser: Callable, x0: Array, rng: Array, *, schedule: Schedule, path
     raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
   grid = token_grid(x0.shape, patch_size)
   check_path(path, grid)
+  check_proposal(path, grid, schedule, data_variance, uniform_share)
   if data == "discrete8bit":
     _check_discrete(x0)
   x0 = jnp.asarray(x0, jnp.float32)
   k_offset, k_noise, k_recon = jax.random.split(rng, 3)
-  offset = jax.random.uniform(k_offset, (x0.shape[0],))
+  cdf = lambda s: proposal_cdf(path, s, grid, schedule, data_variance, uniform_share)
 
   def step(total, j):
-    s = (j + offset) / num_steps
+    # Stratum j of the proposal's CDF, with its own offset per example.
+    u = (j + jax.random.uniform(jax.random.fold_in(k_offset, j), (x0.shape[0],))) / num_steps
+    s = _inverse_cdf(cdf, u)
     noise = jax.random.normal(jax.random.fold_in(k_noise, j), x0.shape)
-    return total + diffusion_integrand(denoiser, x0, s, noise, schedule=schedule, path=path,
-                                       patch_size=patch_size), None
+    lam, speed, scaled_err = _token_terms(denoiser, x0, s, noise, schedule, path, patch_size)
+    q, _ = log_snr_proposal(lam, schedule, data_variance, uniform_share)
+    # F(s) / p(s) with p = (1/N) Σ_i a_i q(λ_i); p = 0 only where no token moves (F = 0).
+    numerator = (speed * scaled_err).reshape(x0.shape[0], -1).sum(-1)
+    density = (speed * q).reshape(x0.shape[0], -1).mean(-1)
+    weight = jnp.where(density > 0, numerator / jnp.where(density > 0, density, 1.0), 0.0)
+    return total + weight, None
 
   total, _ = jax.lax.scan(step, jnp.zeros((x0.shape[0],), jnp.float32),
                           jnp.arange(num_steps, dtype=jnp.float32))

@@ -10,6 +10,9 @@ r"""The command line: train, sample from, or evaluate an AsyncPatch Diffusion mo
 Multi-host: run the same command on every host. On TPU pods, SLURM and other clusters that JAX
 detects, `jax.distributed` initialises itself; elsewhere pass --coordinator_address,
 --num_processes and --process_id. Everything else lives in importable libraries.
+
+A bad flag or config, missing data, weights or checkpoint print one `FATAL:` line and exit with
+status 2 (`user_errors.py`); `--verbosity=1` or ASYNCPATCH_TRACEBACK=1 adds the traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from asyncpatch_jax import user_errors
 from asyncpatch_jax.train import file_paths
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -61,19 +65,30 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _flag_error(error: flags.Error) -> str:
+  """The flag error's message; a config file's traceback shrinks to its last line (the error
+  itself) unless `user_errors.show_traceback()`."""
+  message = str(error)
+  head, sep, trace = message.partition("Traceback (most recent call last):")
+  if sep and not user_errors.show_traceback():
+    lines = [line for line in trace.splitlines() if line.strip()]
+    message = f"{head.strip()} {lines[-1].strip() if lines else ''}"
+  return f"{message}\nPass --help for the flags."
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with a clear message for an override of a config field that doesn't exist."""
+  """absl's parser, with a clear message for an override of a config field that doesn't exist
+  and for an error in a config file; both exit with status 2."""
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
     name = str(e).strip("\"'")
     overrides = [a for a in argv if a.startswith("--config.") and name in a] or [
         a for a in argv if a.startswith("--config.")]
-    raise SystemExit(f"FATAL: unknown config field {name!r} in {overrides}; every field is "
-                     f"defined in configs/base.py (and models.default_config() for config.model)"
-                     ) from e
+    user_errors.fail(f"unknown config field {name!r} in {overrides}; every field is defined in "
+                     f"configs/base.py (and models.default_config() for config.model)")
   except flags.Error as e:
-    raise SystemExit(f"FATAL: {e}\nPass --help for the flags.") from e
+    user_errors.fail(_flag_error(e))
 
 
 def resolve_paths(config: Any, workdir: str) -> tuple[Any, str]:
@@ -90,6 +105,7 @@ def resolve_paths(config: Any, workdir: str) -> tuple[Any, str]:
   return config, workdir
 
 
+@user_errors.clean_exit()
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")

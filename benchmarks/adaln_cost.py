@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from asyncpatch_jax import models
+from asyncpatch_jax import models, user_errors
 from asyncpatch_jax.diffusion import get_schedule
 
 
@@ -243,4 +243,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  with user_errors.clean_exit():
+    main(sys.argv[1:])

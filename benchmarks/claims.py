@@ -64,7 +64,7 @@ from absl import logging  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from asyncpatch_jax import data as data_lib  # noqa: E402
-from asyncpatch_jax import diffusion, models, sampling, visualize  # noqa: E402
+from asyncpatch_jax import diffusion, models, sampling, user_errors, visualize  # noqa: E402
 from asyncpatch_jax.diffusion import elbo, level_samplers, paths  # noqa: E402
 from asyncpatch_jax.evaluation import fid as fid_lib  # noqa: E402
 from asyncpatch_jax.evaluation import images as images_lib  # noqa: E402
@@ -863,4 +863,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  with user_errors.clean_exit():
+    main()

@@ -61,7 +61,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from asyncpatch_jax import diffusion, models, sampling
+from asyncpatch_jax import data as data_lib
+from asyncpatch_jax import diffusion, models, sampling, user_errors
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
 from asyncpatch_jax.train import perf
@@ -128,6 +129,7 @@ def make_config(args, level_sampler: str = "recipe") -> ml_collections.ConfigDic
     if args.model == "dit":
       model.dit_size = args.dit_size
       model.dit_patch = args.dit_patch
+    config.data.source = "synthetic"  # random batches of this shape: timing only
     config.data.image_size = args.image_size
     config.data.channels = args.channels
     config.data.num_classes = args.num_classes
@@ -208,14 +210,6 @@ def peak_memory() -> dict[str, float | str]:
   return {"peak_bytes": rss, "source": "process max RSS"}
 
 
-def fake_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  b, s, c = int(config.data.batch_size), int(config.data.image_size), int(config.data.channels)
-  batch = {"image": rng.integers(0, 256, (b, s, s, c), dtype=np.uint8)}
-  batch["label"] = rng.integers(0, max(int(config.model.num_classes), 1), (b,), dtype=np.int32)
-  return batch
-
-
 def prepare_train_step(config):
   """The real train step (state donated), compiled on a synthetic batch: `(run, info)` with
   `run()` one step and `info` its compile time and FLOP counts."""
@@ -224,7 +218,9 @@ def prepare_train_step(config):
   tx = opt_lib.make_optimizer(config.optimizer, int(config.num_steps))
   setup = state_lib.setup_state(config, mesh, tx)
   state = setup.init(config)
-  batch = jax.device_put(fake_batch(config), batch_sharding)
+  pipeline = data_lib.create_train_pipeline(config.data, batch_sharding)  # 'synthetic' data
+  batch = next(pipeline)
+  pipeline.close()
   jitted = step_lib.jit_train_step(step_lib.make_train_step(config, setup), setup,
                                    batch_sharding)
   compiled, (lower_s, xla_s) = compile_timed(jitted, state, batch, split=True)
@@ -615,4 +611,5 @@ def with_huge_pages(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   with_huge_pages(sys.argv[1:])
-  main()
+  with user_errors.clean_exit():
+    main()

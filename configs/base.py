@@ -64,7 +64,9 @@ def defaults() -> ml_collections.ConfigDict:
   config.diffusion.level_sampler = level_samplers.default_config()
 
   config.data = ml_collections.ConfigDict({
-      "source": "tfds",               # mnist | digits | textures | tfds | latents
+      "source": "tfds",               # mnist | digits | textures | tfds | latents | synthetic
+      # 'synthetic': random records of the run's shape (VAE latents when vae.name is set),
+      # labels included, for plumbing and speed tests without the data set (data/sources.py).
       # 'latents': VAE latents of the images, cached per split in <latent_dir>/<split> by
       # `python -m asyncpatch_jax.latents.build` (config.vae names the VAE; image_size is the
       # pixel resolution that was encoded). The images came from TFDS (tfds_name) or from the
@@ -153,7 +155,8 @@ def defaults() -> ml_collections.ConfigDict:
   })
 
   config.vae = ml_collections.ConfigDict({  # the autoencoder of data.source='latents'
-      "name": "sd",                   # 'sd': Stable Diffusion's VAE; 'tiny': debug runs
+      # '': pixel space; 'sd': Stable Diffusion's VAE; 'tiny': debug runs
+      "name": "",
       # The diffusers safetensors file (stabilityai/sd-vae-ft-ema's
       # diffusion_pytorch_model.safetensors); 'random': seeded random weights ('tiny' only).
       "weights": "",
@@ -165,6 +168,8 @@ def defaults() -> ml_collections.ConfigDict:
   config.sampling = ml_collections.ConfigDict({
       "every_steps": 20_000,          # sample + inpainting grids (0: only at the end)
       "num_samples": 64,
+  # Linked to vae.name (one value): the data are its latents (source 'latents' or 'synthetic').
+  config.data.vae_name = config.vae.get_ref("name")
       "num_steps": 250,
       "strategy": "uniform",
       "stochastic": True,             # ancestral updates (False: DDIM / probability flow)

@@ -392,6 +392,6 @@ def test_safetensors_bfloat16_and_corrupt_files(tmp_path):
     weights.read_safetensors(bad)
   truncated = tmp_path / "truncated.safetensors"
   truncated.write_bytes(path.read_bytes()[:-4])
-  with pytest.raises(ValueError, match="byte range"):
+  with pytest.raises(ValueError, match="not a safetensors file, or a damaged one"):
     weights.read_safetensors(truncated)
   assert not os.path.exists(str(path) + ".tmp")

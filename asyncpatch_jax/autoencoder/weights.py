@@ -21,41 +21,29 @@ Conv weights OIHW → HWIO, linear weights [out, in] (or 1×1 conv [out, in, 1, 
 GroupNorm weight → scale. A file with missing, unexpected or mis-shaped tensors is a ValueError
 that lists them.
 
-The safetensors format (8-byte little-endian header length, a JSON header of dtype / shape /
-byte offsets, then the raw little-endian buffer) is read and written here directly, so float16
-and bfloat16 files load too and no extra dependency is needed.
+Files are read and written with the `safetensors` library (numpy API, memory-mapped reads);
+float16 and bfloat16 files load too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
-import struct
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
 from asyncpatch_jax.autoencoder.vae import SD_VAE, AutoencoderKL, VAEConfig, abstract_vae
 
 HF_REPOS = ("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse")
 HF_FILENAME = "diffusion_pytorch_model.safetensors"
-
-_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U64": np.dtype("<u8"),
-    "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 2**20
-
 
 class WeightsNotFoundError(FileNotFoundError):
   """The VAE weights file is missing; the message says where to download it."""
@@ -74,66 +62,36 @@ def missing_weights_message(path: str) -> str:
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  """All tensors of a safetensors file as numpy arrays (copies), and its `__metadata__`."""
+  """All tensors of a safetensors file as numpy arrays, and its `__metadata__`.
+
+  Read with the `safetensors` library (memory-mapped, with its checks of the header and byte
+  ranges); a damaged or foreign file is a ValueError naming the path.
+  """
   path = os.fspath(path)
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    prefix = f.read(8)
-    if len(prefix) != 8:
-      raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-    (header_len,) = struct.unpack("<Q", prefix)
-    if header_len > min(_MAX_HEADER, size - 8):
-      raise ValueError(f"{path}: not a safetensors file (header length {header_len} for a file "
-                       f"of {size} bytes)")
-    try:
-      header = json.loads(f.read(header_len).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path}: not a safetensors file (bad JSON header: {e})") from e
-  metadata = header.pop("__metadata__", None) or {}
-  start = 8 + header_len
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=start) if size > start else np.zeros(
-      0, np.uint8)
-  tensors = {}
-  for name, info in header.items():
-    dtype = _DTYPES.get(info.get("dtype"))
-    if dtype is None:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-    shape = tuple(int(d) for d in info["shape"])
-    begin, end = (int(o) for o in info["data_offsets"])
-    if not 0 <= begin <= end <= len(data) or end - begin != math.prod(shape) * dtype.itemsize:
-      raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) has byte range "
-                       f"[{begin}, {end}) inconsistent with its shape or the file size")
-    tensors[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(shape).copy()
-  del data
+  try:
+    with safetensors.safe_open(path, framework="np") as f:
+      metadata = f.metadata() or {}
+      tensors = {name: f.get_tensor(name) for name in f.keys()}
+  except safetensors.SafetensorError as e:
+    raise ValueError(f"{path}: not a safetensors file, or a damaged one ({e})") from e
   return tensors, dict(metadata)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
-  """Writes `tensors` in the safetensors format (to a temporary name, then renamed)."""
-  header: dict[str, Any] = {}
-  if metadata:
-    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-  arrays, offset = [], 0
-  for name in sorted(tensors):
-    a = np.ascontiguousarray(tensors[name])
-    if a.dtype.byteorder == ">":
-      a = a.astype(a.dtype.newbyteorder("<"))
-    dtype_name = _DTYPE_NAMES.get(a.dtype)
-    if dtype_name is None:
-      raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
-    header[name] = {"dtype": dtype_name, "shape": list(a.shape),
-                    "data_offsets": [offset, offset + a.nbytes]}
-    arrays.append(a)
-    offset += a.nbytes
-  blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-  blob += b" " * (-len(blob) % 8)  # the reference writer pads the header to 8-byte alignment
+  """Writes `tensors` with the `safetensors` library (to a temporary name, then renamed)."""
+  arrays = {}
+  for name, value in tensors.items():
+    a = np.ascontiguousarray(value)
+    arrays[name] = a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a
   tmp = f"{os.fspath(path)}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for a in arrays:
-      f.write(a.tobytes())
+  try:
+    safetensors.numpy.save_file(arrays, tmp, metadata={str(k): str(v) for k, v in
+                                                       (metadata or {}).items()} or None)
+  except (safetensors.SafetensorError, ValueError, TypeError) as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise ValueError(f"cannot store these tensors in safetensors: {e}") from e
   os.replace(tmp, path)
 
 

@@ -1,4 +1,5 @@
-"""Input pipelines: bundled in-memory sources and TFDS ArrayRecord sets through grain."""
+"""Input pipelines through grain: bundled in-memory sources, TFDS ArrayRecord sets, latent caches
+and synthetic records."""
 
 from asyncpatch_jax.data.pipeline import (
     Pipeline,
@@ -13,7 +14,9 @@ from asyncpatch_jax.data.preprocess import Preprocess, center_crop_resize
 from asyncpatch_jax.data.sources import (
     BUNDLED,
     DatasetNotFoundError,
+    SyntheticSource,
     get_source,
+    latent_data,
 )
 
 __all__ = [
@@ -22,10 +25,12 @@ __all__ = [
     "Pipeline",
     "Preprocess",
     "ProcessRows",
+    "SyntheticSource",
     "center_crop_resize",
     "create_eval_pipeline",
     "create_train_pipeline",
     "get_source",
+    "latent_data",
     "process_rows",
     "reference_images",
     "to_model_range",

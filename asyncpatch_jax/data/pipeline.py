@@ -135,6 +135,13 @@ def _build(stream: Any, rows: ProcessRows, data_config: Any) -> grain.IterDatase
   return ds
 
 
+def finished_example(record: dict[str, Any], flip_key: tuple[int, ...] | None = None
+                     ) -> dict[str, Any]:
+  """The preprocessing of `data.source='synthetic'`, whose records are examples already."""
+  del flip_key
+  return record
+
+
 def make_preprocess(data_config: Any, *, train: bool, source: Any = None) -> Any:
   """Record → example `{'image', 'label'}` for `data_config.source`.
 
@@ -142,6 +149,8 @@ def make_preprocess(data_config: Any, *, train: bool, source: Any = None) -> Any
   latents already scaled by the cache's factor, the model's data as they are; in training a
   posterior sample of a randomly flipped view, otherwise the unflipped posterior mean.
   """
+  if data_config.source == "synthetic":
+    return finished_example
   if data_config.source == "latents":
     from asyncpatch_jax.latents.cache import LatentPreprocess
 

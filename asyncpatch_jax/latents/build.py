@@ -8,7 +8,8 @@ r"""Encode a data set split into a latent cache once, before latent-diffusion tr
       --vae_weights=PATH/diffusion_pytorch_model.safetensors --out=CACHE/church256/train
 
 Interrupted? Run the same command again: complete shards are kept. Multi-host: run it on every
-host with --distributed (the batch is split over all devices; process 0 writes).
+host with --distributed (the batch is split over all devices; process 0 writes). Missing images
+or weights print one `FATAL:` line and exit with status 2 (`asyncpatch_jax.user_errors`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
+from asyncpatch_jax import user_errors
 from asyncpatch_jax.latents.cache import build_latent_cache
 from asyncpatch_jax.latents.prepare import load_named_vae
 
@@ -57,7 +59,7 @@ def make_source(source: str, *, image_size: int, tfds_name: str = "", split: str
   if source == "lsun":
     from asyncpatch_jax.latents.lsun import LsunSource
     if not lsun_lmdb:
-      raise ValueError("--source=lsun needs --lsun_lmdb=DIR (the export holding data.mdb)")
+      raise FileNotFoundError("--source=lsun needs --lsun_lmdb=DIR (the export holding data.mdb)")
     # Listing 3M keys takes a while: keep the list next to the export unless that is read-only.
     keys_file = os.path.normpath(lsun_lmdb) + f"_keys_{lsun_small_images}_{image_size}.txt"
     if not (os.path.exists(keys_file) or os.access(os.path.dirname(keys_file) or ".", os.W_OK)):
@@ -68,6 +70,7 @@ def make_source(source: str, *, image_size: int, tfds_name: str = "", split: str
   raise ValueError(f"unknown source {source!r}; choose 'tfds' or 'lsun'")
 
 
+@user_errors.clean_exit()
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")

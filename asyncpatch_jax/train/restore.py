@@ -24,7 +24,7 @@ MODEL_FIELDS = ("model", "data.image_size", "data.channels", "diffusion.patch_si
                 "optimizer.name", "optimizer.ema_decays", "optimizer.grad_clip_norm")
 # config.model fields that change neither the parameters nor the function they compute.
 FREE_MODEL_FIELDS = ("dropout", "label_dropout", "level_slots", "dtype", "attention_impl",
-                     "remat")
+                     "remat", "kernels")
 RAW_PARAMS = "params"
 
 
@@ -75,14 +75,19 @@ def config_differences(saved: Mapping[str, Any], config: Any) -> dict[str, tuple
           if _normalise(k, old[k]) != _normalise(k, new[k])}
 
 
+class IncompatibleCheckpointError(ValueError):
+  """A checkpoint was trained with a different model config; the message names the fields."""
+
+
 def check_compatible(saved: Mapping[str, Any], config: Any, where: str) -> None:
-  """Raises ValueError naming each model field where `config` differs from the `saved` one."""
+  """Raises `IncompatibleCheckpointError` naming each model field where `config` differs from
+  the `saved` one."""
   diff = config_differences(saved, config)
   if diff:
     lines = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new)
                       in diff.items())
     overrides = " ".join(f"--config.{k}={old!r}" for k, (old, _) in list(diff.items())[:4])
-    raise ValueError(
+    raise IncompatibleCheckpointError(
         f"the checkpoint in {where} was trained with a different model config ({lines}). "
         f"Use the config it was trained with (the run's config.json), e.g. {overrides}; "
         f"sampling settings may differ freely")

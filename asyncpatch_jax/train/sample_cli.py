@@ -43,6 +43,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from asyncpatch_jax import data as data_lib
 from asyncpatch_jax import diffusion, sampling
 from asyncpatch_jax.sampling import masks as masks_lib
 from asyncpatch_jax.train import restore as restore_lib
@@ -192,7 +193,7 @@ def sample_from_checkpoint(config: Any, workdir: str | epath.Path) -> dict[str, 
 
 def inpaint_from_checkpoint(config: Any, workdir: str | epath.Path) -> dict[str, Any]:
   """`--mode=inpaint`; returns {'samples', 'known', 'known_mask', 'info', 'step', 'folder'}."""
-  if config.data.source == "latents":
+  if data_lib.latent_data(config.data):
     raise ValueError("--mode=inpaint takes images for a pixel-space model; this run diffuses VAE "
                      "latents (data.source='latents'): inpaint in latent space from Python "
                      "(train.restore.restore_model, the VAE's encoder, sampling.sample)")

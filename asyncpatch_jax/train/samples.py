@@ -4,10 +4,11 @@ Samples come from an EMA of the parameters with the configured sampler. The inpa
 fixed held-out images and the `sampling.inpaint_mask` family (`sampling.masks.MASKS`, True =
 known): rows of (known context, completion, original), so grids of different steps compare.
 
-Latent runs (`data.source='latents'`) sample latents and decode them with the run's VAE
-(`make_decoder`). Their inpainting works in latent space: the known context is the eval cache's
-encoded images and the mask lives on the latent token grid (one token = patch·8 pixels for the
-SD VAE); the grid shows decoded latents, so its "original" row is the VAE's reconstruction.
+Latent runs (`data.source='latents'`, or synthetic latents) sample latents and decode them with
+the run's VAE (`make_decoder`). Their inpainting works in latent space: the known context is the
+eval cache's encoded images and the mask lives on the latent token grid (one token = patch·8
+pixels for the SD VAE); the grid shows decoded latents, so its "original" row is the VAE's
+reconstruction.
 """
 
 from __future__ import annotations
@@ -48,15 +49,21 @@ def make_decoder(config: Any) -> Callable[[Any], np.ndarray] | None:
   and must be the one that encoded the training cache: a different one is a
   `LatentCacheMismatchError` here, before anything is compiled. Decodes
   `config.vae.decode_batch_size` latents at a time (the decoder's activations at 256² are large).
+  Synthetic latents (`data.source='synthetic'`) have no cache to match; without `vae.weights`
+  their grids show the first three latent channels.
   """
-  if config.data.source != "latents":
+  if not data_lib.latent_data(config.data):
     return None
   from asyncpatch_jax.latents import cache, prepare
 
+  if config.data.source == "synthetic" and not config.vae.weights:
+    logging.info("No vae.weights: sample grids show the first three latent channels")
+    return lambda latents: np.clip(np.asarray(latents, np.float32)[..., :3] / 3.0, -1.0, 1.0)
   vae = prepare.load_run_vae(config)
-  train_cache = prepare.cache_dir(config.data, config.data.train_split)
-  cache.check_metadata(cache.read_metadata(train_cache), vae=vae,
-                       image_size=int(config.data.image_size), where=repr(train_cache))
+  if config.data.source == "latents":
+    train_cache = prepare.cache_dir(config.data, config.data.train_split)
+    cache.check_metadata(cache.read_metadata(train_cache), vae=vae,
+                         image_size=int(config.data.image_size), where=repr(train_cache))
   graphdef, params = nnx.split(vae)
   decode = jax.jit(lambda params, z: jnp.clip(
       nnx.merge(graphdef, params).decode_scaled(z), -1.0, 1.0))
@@ -95,7 +102,7 @@ def make_sample_fn(config: Any, setup: state_lib.StateSetup, num: int, *, inpain
   x_shape = (num, *state_lib.data_shape(config))
   options = sampling.cli.parse_options(scfg.strategy_options)
   levels = return_info and scfg.strategy in ("adaptive", "autoregressive")
-  latents = config.data.source == "latents"
+  latents = data_lib.latent_data(config.data)
 
   def run(params, model_state, key, known=None, mask=None, labels=None, guidance=None,
           cfg_scale=None):

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from asyncpatch_jax import diffusion, models
+from asyncpatch_jax.data import sources as data_sources
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
 
@@ -75,12 +76,8 @@ def make_schedule(diffusion_config: Any) -> diffusion.Schedule:
 
 def data_shape(config: Any) -> tuple[int, int, int]:
   """The shape of one example the network sees: the image, or its VAE latent (`[H/8, W/8, 4]`
-  for the SD VAE) when `config.data.source == 'latents'`."""
-  if config.data.source == "latents":
-    from asyncpatch_jax.autoencoder import vae_config
-
-    return vae_config(config.vae.name).latent_shape(int(config.data.image_size))
-  return (int(config.data.image_size), int(config.data.image_size), int(config.data.channels))
+  for the SD VAE) when the data are latents (`data.sources.latent_data`)."""
+  return data_sources.example_shape(config.data)
 
 
 def build_model(config: Any, rngs: nnx.Rngs) -> nnx.Module:

@@ -73,10 +73,11 @@ def validate_config(config: Any) -> None:
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config.diffusion: {e}") from e
   patch = int(diff.patch_size)
-  if data.source == "latents":
+  latents = sources.latent_data(data)
+  if latents:
     _validate_latents(config)  # before the patch check, which needs the latent size
   size = state_lib.data_shape(config)[0]
-  what = "the latent size" if data.source == "latents" else "data.image_size"
+  what = "the latent size" if latents else "data.image_size"
   _require(patch >= 1 and size % patch == 0,
            f"diffusion.patch_size={diff.patch_size} must divide {what}={size}")
   _require(not diff.weighting or diff.weighting in diffusion.WEIGHTINGS,
@@ -139,12 +140,13 @@ def validate_config(config: Any) -> None:
 
 
 def _validate_latents(config: Any) -> None:
-  """A latent-diffusion run: its VAE fields, and the sampler and evaluation settings that
-  assume pixels."""
+  """A latent-diffusion run (a latent cache, or synthetic latents): its VAE fields, and the
+  sampler and evaluation settings that assume pixels."""
   _require("vae" in config, "data.source='latents' needs the config.vae section (configs/base.py)")
   vae, data = config.vae, config.data
   _require(vae.name in VAE_CONFIGS,
-           f"vae.name must be one of {sorted(VAE_CONFIGS)}, got {vae.name!r}")
+           f"vae.name must be one of {sorted(VAE_CONFIGS)} for data.source='latents', got "
+           f"{vae.name!r}")
   _require(vae.weights != prepare.RANDOM_WEIGHTS or vae.name == "tiny",
            "vae.weights='random' is for the 'tiny' debug VAE only; pass the SD VAE's "
            "safetensors file")
@@ -162,6 +164,9 @@ def _validate_latents(config: Any) -> None:
 
 def _validate_init_from(config: Any) -> None:
   """`init_from`: DiT weights, read into our DiT where it computes DiT's function
+  _require(data.source != "synthetic" or int(config.eval.fid_samples) == 0,
+           "eval.fid_samples: FID compares decoded samples with real images, which synthetic "
+           "latents lack; set it to 0 for data.source='synthetic' (or use a pixel config)")
   (models/dit_weights.py checks the file's names and shapes when it is read)."""
   model, path = config.model, str(config.init_from)
   _require(model.name == "dit" and model.get("adaln", "block") == "block",
@@ -399,7 +404,7 @@ def _validate_fields(config: Any) -> None:
              f"the DiT hidden size {hidden} must be a multiple of 4 and of its {heads} heads; set "
              f"model.dit_hidden_size / model.dit_num_heads (or model.dit_size)")
     size = int(config.data.image_size)
-    _require(config.data.source == "latents" or size % int(model.dit_patch) == 0,
+    _require(sources.latent_data(config.data) or size % int(model.dit_patch) == 0,
              f"model.dit_patch={model.dit_patch} must divide data.image_size={size}")
   level_sampler = config.diffusion.level_sampler
   if level_sampler.get("name") == "mixture":

@@ -35,16 +35,24 @@ def code(text: str) -> tuple[str, str]:
 
 SETUP = code('''
     # Set-up. Where asyncpatch_jax is installed from a checkout (`pip install -e .`) this cell only
-    # finds the checkout. On Colab it clones the repository and installs it: put the repository's
-    # address in REPO_URL first (replace OWNER).
+    # finds the checkout. On Colab it installs it, with no editing needed, from: SOURCE if set (a
+    # git URL, or the URL of a source archive), else a source archive in /content
+    # (asyncpatch_jax*.tar.gz or .zip), else one picked in the upload dialog. Make the archive in
+    # a checkout with `git archive --format=zip -o asyncpatch_jax.zip HEAD` (or GitHub's ZIP).
+    SOURCE = ""  # @param {type:"string"}
+
+    import importlib.metadata
     import importlib.util
     import os
     import pathlib
+    import shutil
     import subprocess
     import sys
+    import urllib.request
 
-    REPO_URL = "https://github.com/OWNER/asyncpatch_jax.git"
     CLONE_DIR = pathlib.Path("/content/asyncpatch_jax")
+    ARCHIVES = ("asyncpatch_jax*.tar.gz", "asyncpatch_jax*.zip")
+    STANDS_IN = {"tensorflow-cpu": "tensorflow"}  # Colab's TensorFlow serves for tensorflow-cpu
 
 
     def find_checkout():
@@ -61,6 +69,90 @@ SETUP = code('''
       return None
 
 
+    def unpack(archive):
+      """Extracts a source archive into CLONE_DIR (a single top folder is stripped)."""
+      tmp = CLONE_DIR.with_name(CLONE_DIR.name + ".unpacked")
+      shutil.rmtree(tmp, ignore_errors=True)
+      shutil.unpack_archive(str(archive), str(tmp))
+      entries = list(tmp.iterdir())
+      top = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
+      if not (top / "configs" / "base.py").is_file():
+        shutil.rmtree(tmp)
+        raise RuntimeError(f"{pathlib.Path(archive).name} holds no configs/base.py: the notebooks "
+                           "need the source tree (a wheel lacks configs/); upload a source archive")
+      shutil.rmtree(CLONE_DIR, ignore_errors=True)
+      shutil.move(str(top), str(CLONE_DIR))
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+    def fetch_source():
+      """Puts the source tree into CLONE_DIR; returns where it came from, in words."""
+      if SOURCE.endswith((".tar.gz", ".tgz", ".zip")):
+        archive = CLONE_DIR.parent / SOURCE.rsplit("/", 1)[-1]
+        urllib.request.urlretrieve(SOURCE, archive)
+        unpack(archive)
+        return f"the archive at {SOURCE}"
+      if SOURCE:
+        shutil.rmtree(CLONE_DIR, ignore_errors=True)
+        subprocess.run(["git", "clone", "--depth=1", SOURCE, str(CLONE_DIR)], check=True)
+        return f"git clone {SOURCE}"
+      archives = sorted(p for pattern in ARCHIVES for p in CLONE_DIR.parent.glob(pattern))
+      how = "the archive"
+      if not archives:
+        from google.colab import files
+        print("Upload a source archive of asyncpatch_jax (or set SOURCE and run again):")
+        archives = [pathlib.Path(name).resolve() for name in files.upload()]
+        how = "the uploaded archive"
+        if not archives:
+          raise RuntimeError("nothing was uploaded; upload a source archive or set SOURCE")
+      unpack(archives[-1])
+      return f"{how} {archives[-1].name}"
+
+
+    def installed_version(name):
+      try:
+        return importlib.metadata.version(name)
+      except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+    def older(have, pinned):
+      try:
+        from packaging.version import Version
+        return Version(have) < Version(pinned)
+      except Exception:  # an unparsable version: keep what is installed
+        return False
+
+
+    def needed(requirements, version_of=installed_version):
+      """The pins (`name==version` lines) this runtime lacks or has only in an older version. Newer
+      installed packages are kept, so pip replaces little that the session may have imported."""
+      out = []
+      for line in requirements:
+        pin = line.split("#")[0].strip()
+        if not pin:
+          continue
+        name, _, version = pin.partition("==")
+        have = version_of(name) or (version_of(STANDS_IN[name]) and version
+                                    if name in STANDS_IN else None)
+        if have is None or older(have, version):
+          out.append(pin)
+      return out
+
+
+    def replaced_imports():
+      """Modules this session imported whose installed version pip has since changed."""
+      importlib.invalidate_caches()
+      dists = importlib.metadata.packages_distributions()
+      out = []
+      for name in [n for n in list(sys.modules) if "." not in n and n in dists]:
+        version, now = getattr(sys.modules[name], "__version__", None), installed_version(
+            dists[name][0])
+        if isinstance(version, str) and now and version != now:
+          out.append(f"{name} {version} -> {now}")
+      return out
+
+
     ROOT = find_checkout()
     if ROOT is None:
       if "google.colab" not in sys.modules:
@@ -68,18 +160,22 @@ SETUP = code('''
             "asyncpatch_jax is not installed. In a shell: git clone <the repository> && cd "
             "asyncpatch_jax && pip install -c constraints.txt -e . ; then open this notebook from "
             "the checkout's colabs/ folder.")
-      if "/OWNER/" in REPO_URL:
-        raise RuntimeError("Set REPO_URL at the top of this cell to the repository's address "
-                           "(replace OWNER) and run the cell again.")
-      subprocess.run(["git", "clone", "--depth=1", REPO_URL, str(CLONE_DIR)], check=True)
-      subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", "constraints.txt", "-e",
-                      "."], cwd=CLONE_DIR, check=True)
+      where = fetch_source()
+      pins = needed((CLONE_DIR / "requirements.txt").read_text().splitlines())
+      pip = [sys.executable, "-m", "pip", "install", "-q"]
+      subprocess.run([*pip, "--no-deps", "-e", str(CLONE_DIR)], check=True)
+      if pins:
+        subprocess.run([*pip, *pins], check=True)
       ROOT = CLONE_DIR
-      print("Installed. If pip replaced a package this session had already imported, restart the "
-            "session (Runtime > Restart session) and run all cells; this cell is then a no-op.")
+      print(f"asyncpatch_jax installed from {where}; pinned {len(pins)} missing or older "
+            f"requirement(s): {' '.join(pins) or 'none'}")
+      if replaced := replaced_imports():
+        print(f"Restart the session (Runtime > Restart session) and run all cells: pip replaced "
+              f"{', '.join(replaced)}, which this session had imported.")
+    else:
+      print(f"asyncpatch_jax from the checkout {ROOT}")
     if str(ROOT) not in sys.path:
       sys.path.insert(0, str(ROOT))  # for `configs`, which lives next to the package
-    print("checkout:", ROOT)
 ''')
 
 IMPORT_JAX = code('''

@@ -6,10 +6,12 @@ to run trains the tiny config, the others find its finished checkpoint. A notebo
 (`-k inpainting`) trains it itself.
 """
 
+import importlib.util
 import json
 import pathlib
 import subprocess
 import sys
+import zipfile
 
 import nbclient
 import nbformat
@@ -90,3 +92,50 @@ def test_notebook_runs_top_to_bottom(name, colab_runtime):
   assert any("image/png" in o.get("data", {}) for o in outputs), "no figure was drawn"
   # Executing works on a copy: the committed file keeps no outputs.
   assert all(c.outputs == [] for c in _read(name).cells if c.cell_type == "code")
+
+
+def _setup_cell(monkeypatch, clone_dir):
+  """The shared first cell, run here (it finds this checkout), with CLONE_DIR moved under a
+  temporary /content."""
+  spec = importlib.util.spec_from_file_location("build_notebooks", COLABS / "build_notebooks.py")
+  builder = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(builder)
+  monkeypatch.chdir(ROOT)
+  namespace = {}
+  exec(builder.SETUP[1], namespace)
+  assert namespace["ROOT"] == ROOT  # a checkout: nothing installed
+  namespace["CLONE_DIR"] = clone_dir
+  return namespace
+
+
+def _zip(path, files):
+  with zipfile.ZipFile(path, "w") as archive:
+    for name, text in files.items():
+      archive.writestr(name, text)
+  return path
+
+
+def test_first_cell_installs_from_an_archive_without_editing(tmp_path, monkeypatch):
+  content = tmp_path / "content"
+  content.mkdir()
+  cell = _setup_cell(monkeypatch, content / "asyncpatch_jax")
+  assert cell["SOURCE"] == ""  # a Colab form field, empty: no placeholder to replace
+  _zip(content / "asyncpatch_jax-main.zip", {"asyncpatch_jax-main/configs/base.py": "",
+                                             "asyncpatch_jax-main/asyncpatch_jax/__init__.py": ""})
+  assert cell["fetch_source"]() == "the archive asyncpatch_jax-main.zip"
+  assert (content / "asyncpatch_jax" / "configs" / "base.py").is_file()
+  wheel_like = _zip(tmp_path / "wheel.zip", {"asyncpatch_jax/__init__.py": ""})
+  with pytest.raises(RuntimeError, match=r"no configs/base\.py"):
+    cell["unpack"](wheel_like)
+  assert (content / "asyncpatch_jax" / "configs" / "base.py").is_file()  # left as it was
+
+
+def test_first_cell_pins_only_missing_or_older_requirements(tmp_path, monkeypatch):
+  cell = _setup_cell(monkeypatch, tmp_path / "asyncpatch_jax")
+  installed = {"jax": "0.11.0", "numpy": "2.0.0", "tensorflow": "2.18.0", "absl-py": "2.5.1"}
+  lines = ["# a comment", "jax==0.10.2", "numpy==2.4.6", "grain==0.2.18",
+           "tensorflow-cpu==2.21.0", "absl-py==2.5.1  # pinned", ""]
+  assert cell["needed"](lines, installed.get) == ["numpy==2.4.6", "grain==0.2.18"]
+  requirements = (ROOT / "requirements.txt").read_text().splitlines()
+  assert cell["needed"](requirements, lambda name: None) == [
+      line.split("#")[0].strip() for line in requirements if line.split("#")[0].strip()]

@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 from asyncpatch_jax.autoencoder.vae import AutoencoderKL
 from asyncpatch_jax.autoencoder.weights import params_fingerprint
 from asyncpatch_jax.data.preprocess import center_crop_resize, to_channels
+from asyncpatch_jax.progress import Progress
 
 FORMAT = "asyncpatch_jax/latent-cache/v1"
 METADATA = "metadata.json"
@@ -240,6 +241,10 @@ def build_latent_cache(source: Any, vae: AutoencoderKL, cache_dir: str | os.Path
   rows = process_rows(sharding, batch_size)
   encode = _encoder(vae, mesh, storage_dtype)
   load = _LoadImage(source, int(image_size))
+  todo_examples = sum(min((int(k) + 1) * shard_size, num_examples) - int(k) * shard_size
+                      for k in np.flatnonzero(todo))
+  progress = Progress(f"latent cache {cache_dir}", todo_examples, unit="images", every_secs=0,
+                      log=log or (lambda line: None))
   for k in np.flatnonzero(todo):
     lo, hi = int(k) * shard_size, min((int(k) + 1) * shard_size, num_examples)
     num_batches = math.ceil((hi - lo) / batch_size)
@@ -270,9 +275,7 @@ def build_latent_cache(source: Any, vae: AutoencoderKL, cache_dir: str | os.Path
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"latent cache shard {k}")
-    if log:
-      log(f"latent cache {cache_dir}: wrote shard {int(k) + 1}/{num_shards} "
-          f"(examples {lo}–{hi - 1})")
+    progress.update(hi - lo)  # logs `done / total images, rate, ETA` after every shard
   metadata["complete"] = True
   if is_writer:
     missing = [k for k in range(num_shards) if not complete(k)]

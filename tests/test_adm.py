@@ -1,0 +1,93 @@
+"""ADM's evaluator files (evaluation/adm.py): sample batches written as `arr_0` uint8
+[N, H, W, 3] that numpy (and so ADM's evaluator) reads back, and reference batches whose `mu` /
+`sigma` become our reference statistics, checked with small fake files."""
+
+import numpy as np
+import pytest
+
+from asyncpatch_jax.evaluation import adm
+from asyncpatch_jax.evaluation.fid import feature_statistics, frechet_distance
+
+
+def test_sample_batch_is_uint8_arr_0_numpy_reads(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5, 4, 6, 3), dtype=np.uint8)
+  path = tmp_path / "samples.npz"
+  with adm.SampleBatchWriter(path, 5, (4, 6)) as writer:  # streamed in two batches
+    writer.add(images[:3])
+    writer.add(images[3:])
+  with np.load(path) as data:
+    assert data.files == ["arr_0"]
+    np.testing.assert_array_equal(data["arr_0"], images)
+  assert adm.array_shape(path) == ((5, 4, 6, 3), np.dtype(np.uint8))
+
+
+def test_float_and_grey_samples_are_converted(tmp_path):
+  x = np.array([-1.0, -0.5, 0.0, 0.999, 1.0, 7.0], np.float32).reshape(1, 1, 6, 1)
+  adm.write_sample_batch(tmp_path / "s.npz", x)
+  with np.load(tmp_path / "s.npz") as data:
+    out = data["arr_0"]
+  assert out.shape == (1, 1, 6, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out[0, 0, :, 0], [0, 64, 128, 255, 255, 255])  # round((x+1)·127.5)
+  assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_wrong_count_or_shape_leaves_no_file(tmp_path):
+  path = tmp_path / "s.npz"
+  writer = adm.SampleBatchWriter(path, 3, (2, 2))
+  writer.add(np.zeros((2, 2, 2, 3), np.uint8))
+  with pytest.raises(ValueError, match="2 of 3 images"):
+    writer.close()
+  assert not path.exists() and not (tmp_path / "s.npz.tmp").exists()
+  with pytest.raises(ValueError, match="do not match"), adm.SampleBatchWriter(path, 1, (2, 2)) as w:
+    w.add(np.zeros((1, 3, 2, 3), np.uint8))
+  assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "deflated"])
+def test_iter_images_streams_arr_0(tmp_path, save):
+  images = np.random.default_rng(1).integers(0, 256, (7, 3, 3, 3), dtype=np.uint8)
+  save(tmp_path / "ref.npz", arr_0=images, mu=np.zeros(2), sigma=np.eye(2))
+  batches = list(adm.iter_images(tmp_path / "ref.npz", batch_size=3))
+  assert [len(b) for b in batches] == [3, 3, 1]
+  np.testing.assert_array_equal(np.concatenate(batches), images)
+
+
+def test_iter_images_refuses_other_layouts(tmp_path):
+  np.savez(tmp_path / "f.npz", arr_0=np.zeros((2, 3, 3, 3), np.float32))
+  with pytest.raises(ValueError, match="uint8"):
+    next(adm.iter_images(tmp_path / "f.npz"))
+  np.savez(tmp_path / "g.npz", images=np.zeros((2, 3, 3, 3), np.uint8))
+  with pytest.raises(ValueError, match="no 'arr_0'"):
+    next(adm.iter_images(tmp_path / "g.npz"))
+
+
+class _MeanColour:
+  """A stand-in feature network: per-image channel means and their squares (D = 6)."""
+
+  def features(self, batches):
+    f = np.concatenate([b.reshape(len(b), -1, 3).mean(1) / 255.0 for b in batches])
+    return np.concatenate([f, f**2], axis=1)
+
+
+def test_reference_batch_statistics_and_agreement(tmp_path):
+  rng = np.random.default_rng(2)
+  images = rng.integers(0, 256, (40, 4, 4, 3), dtype=np.uint8)
+  theirs = feature_statistics(_MeanColour().features([images]))
+  path = tmp_path / "VIRTUAL_fake_labeled.npz"
+  np.savez(path, arr_0=images, mu=theirs.mean, sigma=theirs.cov)
+  reference = adm.read_reference(path)
+  assert reference.name == "adm-VIRTUAL_fake_labeled" and reference.stats.count == 40
+  assert reference.features is None  # FID only; KID needs features of arr_0
+  np.testing.assert_array_equal(reference.stats.cov, theirs.cov)
+  assert adm.agreement(path, _MeanColour(), batch_size=16) == pytest.approx(0.0, abs=1e-9)
+  shifted = tmp_path / "shifted.npz"  # another network's statistics of the same images
+  np.savez(shifted, arr_0=images, mu=theirs.mean + 0.1, sigma=theirs.cov)
+  assert adm.agreement(shifted, _MeanColour()) == pytest.approx(6 * 0.01, rel=1e-6)
+  assert frechet_distance(reference.stats, theirs) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_reference_without_statistics_is_refused(tmp_path):
+  np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 2, 2, 3), np.uint8))
+  with pytest.raises(ValueError, match="not an ADM reference batch"):
+    adm.read_reference(tmp_path / "samples.npz")

@@ -138,7 +138,10 @@ def make_loss_fn(config: Any, model_def: ModelDef, *, train: bool = True) -> Cal
     elif num_classes > 0:
       labels = models.drop_labels(k_label, batch["label"].astype(jnp.int32), label_dropout,
                                   num_classes)
-    model = model_def.merge(params, model_state, k_model)
+    # Fresh Variables in this trace: `model_state` is not differentiated, so under
+    # value_and_grad it arrives as the caller's Variables, and a network that updates its
+    # state (running statistics) would raise flax's TraceContextError.
+    model = model_def.merge(params, jax.tree.map(jnp.asarray, model_state), k_model)
     out = model(z, t, labels, deterministic=not train)
     losses = diffusion.diffusion_loss(
         out.output.astype(jnp.float32), x0, noise, t, schedule=schedule,

@@ -204,3 +204,90 @@ def test_adaln_single_scanned_and_rematerialised_equals_unrolled():
     np.testing.assert_allclose(scanned(z, levels, labels, deterministic=False).output,
                                unrolled(z, levels, labels, deterministic=False).output,
                                rtol=1e-5, atol=1e-5)
+
+
+# The kernels switch (`model.kernels`): the CPU's custom-VJP forms vs the standard path.
+
+def test_kernels_resolve_by_backend():
+  assert precision.resolve_kernels("auto", "cpu") == "cpu"
+  assert precision.resolve_kernels("auto", "gpu") == "standard"
+  assert precision.resolve_kernels("auto", "tpu") == "standard"
+  assert precision.resolve_kernels("standard", "cpu") == "standard"
+  assert precision.resolve_kernels("cpu", "tpu") == "cpu"
+  with pytest.raises(ValueError, match=r"unknown model\.kernels 'gpu'.*'auto', 'cpu', 'standard'"):
+    precision.resolve_kernels("gpu")
+
+
+def test_standard_attention_picks_cudnn_on_gpus_for_bf16_heads_it_supports(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert precision.standard_attention_impl(jnp.zeros((1, 4, 3, 2, 64), BF16)) == "cudnn"
+  assert precision.standard_attention_impl(jnp.zeros((1, 4, 3, 2, 12), BF16)) == "xla"
+  assert precision.standard_attention_impl(jnp.zeros((1, 4, 3, 2, 64), jnp.float32)) == "xla"
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert precision.standard_attention_impl(jnp.zeros((1, 4, 3, 2, 64), BF16)) == "xla"
+
+
+def _loss_and_grads(model, z, t, labels):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(p):
+    out = nnx.merge(graphdef, p, rest)(z, t, labels, deterministic=False).output
+    return jnp.mean(jnp.square(out.astype(jnp.float32) - z))
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss))  # traced under the caller's kernels
+  return value_and_grad(params), jax.make_jaxpr(jax.grad(loss))(params)
+
+
+@pytest.mark.parametrize("name", ["dit", "unet"])
+def test_cpu_and_standard_kernels_compute_the_same_function(name):
+  """A bf16 network under both kernels: the same loss and gradients within bf16 rounding; the
+  'cpu' path traces the custom-VJP forms, the standard path none (plain autodiff)."""
+  config = models.default_config()
+  config.update(name=name, dtype="bfloat16", num_classes=5, dit_size="S", dit_hidden_size=32,
+                dit_depth=2, dit_num_heads=2, channels=16, channel_mult=(1, 2),
+                num_res_blocks=1, attention_resolutions=(4,), norm_groups=8, num_heads=2,
+                dropout=0.0)
+  model = randomise(models.get_model(config, data_shape=(8, 8, 3), level_patch_size=2,
+                                     schedule=get_schedule("cosine"), rngs=nnx.Rngs(0)), seed=3)
+  z, labels = rand(2, 8, 8, 3), jnp.array([1, 2])
+  t = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 4, 4)), jnp.float32)
+  results = {}
+  for kernels in ("cpu", "standard"):
+    with precision.kernels_scope(kernels):
+      results[kernels] = _loss_and_grads(model, z, t, labels)
+  (l_cpu, g_cpu), jaxpr_cpu = results["cpu"]
+  (l_std, g_std), jaxpr_std = results["standard"]
+  assert "custom_vjp_call" in str(jaxpr_cpu) and "custom_vjp_call" not in str(jaxpr_std)
+  np.testing.assert_allclose(l_std, l_cpu, rtol=0.02)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g_std))
+  flat_cpu, flat_std = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
+                        for g in (g_cpu, g_std))
+  assert rel_err(flat_std, flat_cpu) < 0.05
+
+
+def test_kernels_choice_is_logged_and_validated(caplog):
+  config = models.default_config()
+  config.update(name="dit", dit_size="S", dit_hidden_size=32, dit_depth=1, dit_num_heads=2,
+                kernels="standard")
+  with precision.kernels_scope("auto"), caplog.at_level("INFO"):
+    models.get_model(config, data_shape=(8, 8, 3), level_patch_size=2, schedule=None,
+                     rngs=nnx.Rngs(0))
+    assert precision.active_kernels() == "standard"
+  assert "precision kernels: standard (model.kernels='standard', backend cpu)" in caplog.text
+  assert precision.active_kernels() == "cpu"  # the scope restored 'auto' on this CPU
+  from configs import base
+  cfg = base.get_config("debug")
+  cfg.model.kernels = "gpu"
+  with pytest.raises(validation.ConfigError, match=r"model\.kernels must be one of"):
+    validation.validate_config(cfg)
+
+
+def test_cudnn_attention_on_a_cpu_fails_at_start_up_naming_the_alternatives():
+  from configs import base
+  cfg = base.get_config("debug")
+  cfg.model.attention_impl = "cudnn"
+  cfg.model.dtype = "bfloat16"
+  with pytest.raises(validation.ConfigError,
+                     match=r"'cudnn' needs a GPU, but JAX's backend is 'cpu'; use None .* or "
+                           r"'xla'"):
+    validation.validate_config(cfg)

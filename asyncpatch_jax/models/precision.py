@@ -17,30 +17,102 @@ to bf16 and accumulate their matmuls in float32 as well:
     slowly at this size.
 
 Float32 operands take the plain flax / jax ops: the float32 model is unchanged, bit for bit.
+
+Those forms are for XLA:CPU. GPUs and TPUs run bf16 matmuls with float32 accumulation natively
+and fuse elementwise autodiff well, so there the standard path is used: the flax modules with
+bf16 `dtype` (float32 parameters), `jax.nn.dot_product_attention` (cuDNN's flash attention on
+GPUs where it applies, XLA's on TPUs) and plain autodiff. `model.kernels` picks the path for a
+process (`select_kernels`): 'auto' (by `jax.default_backend()`), 'cpu' or 'standard'. Both compute
+the same function, within bf16 rounding; the choice is read when a function is traced.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 Array = jax.Array
 BF16 = jnp.dtype(jnp.bfloat16)
+# 'auto': 'cpu' on the CPU backend, else 'standard'; 'cpu': this module's custom-VJP forms for
+# bf16; 'standard': the flax / jax ops and autodiff (what accelerators want).
+KERNELS = ("auto", "cpu", "standard")
+_selected = "auto"
+_logged: tuple[str, str] | None = None  # the last (kernels, resolved) written to the log
+
+
+def resolve_kernels(kernels: str = "auto", backend: str | None = None) -> str:
+  """'cpu' or 'standard' for a `model.kernels` value on `backend` (default: JAX's)."""
+  if kernels not in KERNELS:
+    raise ValueError(f"unknown model.kernels {kernels!r}; choose one of {KERNELS}")
+  if kernels != "auto":
+    return kernels
+  return "cpu" if (backend or jax.default_backend()) == "cpu" else "standard"
+
+
+def select_kernels(kernels: str) -> str:
+  """Sets the process's kernels (`model.kernels`) for every function traced from now on, logs
+  the resolved choice when it changes, and returns it ('cpu' or 'standard')."""
+  global _selected, _logged
+  resolved = resolve_kernels(kernels)
+  if _logged != (kernels, resolved):
+    logging.info("precision kernels: %s (model.kernels=%r, backend %s)", resolved, kernels,
+                 jax.default_backend())
+    _logged = (kernels, resolved)
+  _selected = kernels
+  return resolved
+
+
+def active_kernels() -> str:
+  """The resolved kernels functions are traced with now: 'cpu' or 'standard'."""
+  return resolve_kernels(_selected)
+
+
+@contextlib.contextmanager
+def kernels_scope(kernels: str) -> Iterator[str]:
+  """`select_kernels(kernels)` inside the block, the previous choice after it (for tests and
+  benchmarks that compare the paths in one process; trace inside the block)."""
+  previous = _selected
+  try:
+    yield select_kernels(kernels)
+  finally:
+    select_kernels(previous)
+
+
+def _mixed(dtype) -> bool:
+  """Whether `dtype` takes this module's custom-VJP forms: bf16 under the 'cpu' kernels."""
+  return dtype is not None and jnp.dtype(dtype) == BF16 and active_kernels() == "cpu"
+
+
+def standard_attention_impl(qkv: Array) -> str:
+  """`jax.nn.dot_product_attention`'s implementation on the standard path: cuDNN's flash
+  attention on GPUs for bf16 / fp16 heads it supports (head dim a multiple of 8, at most 128),
+  else XLA's (TPUs, CPUs, float32)."""
+  head_dim = qkv.shape[-1]
+  half = jnp.dtype(qkv.dtype) in (BF16, jnp.dtype(jnp.float16))
+  supported = half and head_dim % 8 == 0 and head_dim <= 128
+  return "cudnn" if jax.default_backend() == "gpu" and supported else "xla"
 
 
 def attention(qkv: Array, *, implementation: str | None = None) -> Array:
   """Softmax self-attention of fused `[B, N, 3, heads, head_dim]` queries, keys and values →
   `[B, N, heads, head_dim]`.
 
-  bf16 inputs (and `implementation` None or 'xla'): `mixed_attention`. Otherwise
-  `jax.nn.dot_product_attention` with `implementation` (cuDNN flash attention on GPUs).
+  bf16 inputs under the 'cpu' kernels (and `implementation` None or 'xla'): `mixed_attention`.
+  Otherwise `jax.nn.dot_product_attention` with `implementation`; None (automatic) is
+  `standard_attention_impl`'s choice on the standard path, XLA's elsewhere.
   """
-  if implementation == "cudnn" or jnp.dtype(qkv.dtype) != BF16:
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-  return mixed_attention(qkv)
+  if implementation != "cudnn" and _mixed(qkv.dtype):
+    return mixed_attention(qkv)
+  if implementation is None and active_kernels() == "standard":
+    implementation = standard_attention_impl(qkv)
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
 def _attention_scale(q: Array) -> np.float32:
@@ -129,8 +201,9 @@ _GELU_A = np.float32(0.044715)
 
 
 def gelu(x: Array) -> Array:
-  """GELU, tanh approximation (DiT's). bf16: `_mixed_gelu`; float32: flax's `nnx.gelu`."""
-  if jnp.dtype(x.dtype) != BF16:
+  """GELU, tanh approximation (DiT's). bf16 under the 'cpu' kernels: `_mixed_gelu`; otherwise
+  flax's `nnx.gelu`."""
+  if not _mixed(x.dtype):
     return nnx.gelu(x, approximate=True)
   return _mixed_gelu(x)
 
@@ -162,15 +235,22 @@ def _gelu_bwd(x, g):
 _mixed_gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-@jax.custom_vjp
 def add_bias(x: Array, bias: Array) -> Array:
-  """`x + bias` (bias broadcast over the leading axes, result in x's dtype) whose bias gradient
-  is a float32 sum: XLA:CPU turns a bf16 sum over many rows into a slow windowed reduction."""
+  """`x + bias` (bias broadcast over the leading axes, result in x's dtype). bf16 under the 'cpu'
+  kernels: `_add_bias_f32_grad`, whose bias gradient is a float32 sum (XLA:CPU turns a bf16 sum
+  over many rows into a slow windowed reduction)."""
+  if not _mixed(x.dtype):
+    return x + bias.astype(x.dtype)
+  return _add_bias_f32_grad(x, bias)
+
+
+@jax.custom_vjp
+def _add_bias_f32_grad(x: Array, bias: Array) -> Array:
   return x + bias.astype(x.dtype)
 
 
 def _add_bias_fwd(x, bias):
-  return add_bias(x, bias), jnp.zeros((0,), bias.dtype)
+  return _add_bias_f32_grad(x, bias), jnp.zeros((0,), bias.dtype)
 
 
 def _add_bias_bwd(bias_dtype, g):
@@ -178,16 +258,17 @@ def _add_bias_bwd(bias_dtype, g):
   return g, db.astype(bias_dtype.dtype)
 
 
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+_add_bias_f32_grad.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 class Linear(nnx.Linear):
-  """`nnx.Linear` (the same parameters and float32 computation) whose `dtype='bfloat16'` form is
-  mixed precision: bf16 operands, float32 accumulation and bias, a bf16 result; the backward
-  pass likewise, with float32 weight and bias gradients."""
+  """`nnx.Linear` (the same parameters and float32 computation) whose `dtype='bfloat16'` form
+  under the 'cpu' kernels is mixed precision: bf16 operands, float32 accumulation and bias, a
+  bf16 result; the backward pass likewise, with float32 weight and bias gradients. Otherwise
+  exactly `nnx.Linear`."""
 
   def __call__(self, inputs: Array, *, out_sharding=None) -> Array:
-    if self.dtype is None or jnp.dtype(self.dtype) != BF16 or out_sharding is not None:
+    if not _mixed(self.dtype) or out_sharding is not None:
       return super().__call__(inputs, out_sharding=out_sharding)
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else jnp.zeros((kernel.shape[-1],),

@@ -9,6 +9,7 @@ from flax import nnx
 
 from asyncpatch_jax.diffusion.parametrization import PARAMETRIZATIONS
 from asyncpatch_jax.diffusion.schedules import Schedule
+from asyncpatch_jax.models import precision
 from asyncpatch_jax.models.dit import DIT_SIZES, DiT
 from asyncpatch_jax.models.embeddings import LEVEL_EMBEDDINGS
 from asyncpatch_jax.models.unet import UNet
@@ -29,9 +30,14 @@ def default_config() -> ml_collections.ConfigDict:
   # 'bfloat16': bf16 matmuls with float32 accumulation (models/precision.py), on accelerators
   # and on CPUs with AMX / AVX512-BF16 alike; parameters and optimizer stay float32.
   config.dtype = "float32"
-  # Attention: None or 'xla' run XLA's (bf16: models/precision.py's mixed_attention);
-  # 'cudnn' is jax.nn.dot_product_attention's cuDNN flash attention (GPUs, bf16/fp16).
+  # Attention: None picks (bf16 'cpu' kernels: models/precision.py's mixed_attention; 'standard':
+  # cuDNN's on GPUs where it applies, else XLA's); 'xla'; 'cudnn' (cuDNN flash attention: GPUs,
+  # bf16).
   config.attention_impl = ml_collections.config_dict.placeholder(str)
+  # 'cpu': models/precision.py's custom-VJP bf16 forms, written for XLA:CPU; 'standard': flax
+  # modules with bf16 dtype, jax.nn.dot_product_attention (cuDNN on GPUs) and plain autodiff,
+  # for GPUs and TPUs; 'auto' picks by jax.default_backend(). The same function; logged.
+  config.kernels = "auto"
   # Recompute each block in the backward pass: '' (off), 'full', 'dots_saveable' or
   # 'dots_with_no_batch_dims_saveable' (what is kept; see models/common.py). Saves memory.
   config.remat = ""
@@ -119,10 +125,12 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {"unet": build_unet, "dit": build
 def get_model(model_config: ml_collections.ConfigDict, *, data_shape: Sequence[int],
               level_patch_size: int, schedule: Schedule | None, rngs: nnx.Rngs) -> nnx.Module:
   """Builds `MODELS[model_config.name]` for inputs `[B, *data_shape]` and level maps of patch
-  `level_patch_size`. Wrap in `nnx.eval_shape(lambda: get_model(...))` for an abstract model."""
+  `level_patch_size`, and selects the process's precision kernels (`model.kernels`, logged).
+  Wrap in `nnx.eval_shape(lambda: get_model(...))` for an abstract model."""
   if model_config.name not in MODELS:
     raise ValueError(f"unknown model.name {model_config.name!r}; choose one of {sorted(MODELS)}")
   _check_common(model_config)
+  precision.select_kernels(str(model_config.get("kernels", "auto")))
   return MODELS[model_config.name](model_config, data_shape=tuple(data_shape),
                                    level_patch_size=level_patch_size, schedule=schedule,
                                    rngs=rngs)

@@ -22,6 +22,7 @@ from asyncpatch_jax.latents import prepare
 from asyncpatch_jax.models import common as model_common
 from asyncpatch_jax.models import dit as model_dit
 from asyncpatch_jax.models import embeddings as model_embeddings
+from asyncpatch_jax.models import precision as model_precision
 from asyncpatch_jax.models import registry as model_registry
 from asyncpatch_jax.sampling import masks
 from asyncpatch_jax.sampling import sampler as sampler_lib
@@ -285,6 +286,8 @@ _FIELDS: tuple[tuple[str, str, Any, str], ...] = (
     ("model.dit_patch", _INT, lambda v: v >= 1, ">= 1"),
     ("model.dit_mlp_ratio", _FLOAT, lambda v: v > 0, "positive"),
     ("model.adaln", _STR, lambda v: v in model_dit.ADALN_KINDS, f"one of {model_dit.ADALN_KINDS}"),
+    ("model.kernels", _STR, lambda v: v in model_precision.KERNELS,
+     f"one of {model_precision.KERNELS}"),
     ("optimizer.name", _STR, lambda v: v == "adamw", "'adamw' (the only one provided)"),
     ("optimizer.learning_rate", _FLOAT, lambda v: v > 0, "positive"),
     ("optimizer.warmup_steps", _INT, lambda v: v >= 0, ">= 0"),
@@ -390,6 +393,15 @@ def _validate_fields(config: Any) -> None:
   _require(model.get("attention_impl") in (None, "xla", "cudnn"),
            f"model.attention_impl must be None (automatic), 'xla' or 'cudnn', got "
            f"{model.get('attention_impl')!r}")
+  if model.get("attention_impl") == "cudnn":
+    backend = jax.default_backend()
+    _require(backend == "gpu",
+             f"model.attention_impl='cudnn' needs a GPU, but JAX's backend is {backend!r}; use "
+             f"None (automatic: cuDNN on GPUs where it applies) or 'xla'")
+    _require(model.dtype == "bfloat16",
+             f"model.attention_impl='cudnn' runs bf16 attention only; set "
+             f"model.dtype='bfloat16', or model.attention_impl to None or 'xla' "
+             f"(model.dtype={model.dtype!r})")
   if model.name == "unet":
     widths = [int(model.channels) * int(m) for m in model.channel_mult]
     _require(all(w % int(model.norm_groups) == 0 for w in widths),

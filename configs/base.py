@@ -148,9 +148,14 @@ def defaults() -> ml_collections.ConfigDict:
       "num_batches": 8,               # global batches of the eval split per evaluation
       "elbo_steps": 0,                # > 0: also bits/dim along each of `paths`
       "paths": "homogeneous",         # comma-separated: homogeneous, raster, random
-      "fid_samples": 0,               # --mode=eval: > 0 adds FID / KID of this many samples
+      # --mode=eval's FID protocol, set per config (README, "FID protocols"): this many samples
+      # (0: no FID) from config.sampling's sampler, steps and cfg_scale, against
+      "fid_samples": 0,
       "fid_batch_size": 64,           # samples drawn (and Inception batches) at a time
-      "fid_split": "train",           # the reference statistics' split
+      "fid_split": "train",           # the statistics of this split, or when set
+      # an ADM reference batch's (.npz with mu, sigma: VIRTUAL_imagenet256_labeled.npz, …)
+      "fid_reference": "",
+      "fid_export": False,            # also save the samples in ADM's format (evaluation/adm.py)
       "fid_cache_dir": "",            # '' = <workdir>/fid_cache
   })
 
@@ -164,12 +169,12 @@ def defaults() -> ml_collections.ConfigDict:
       "dtype": "float32",             # the VAE's compute dtype when decoding samples
       "decode_batch_size": 16,        # latents decoded at a time for sample grids
   })
+  # Linked to vae.name (one value): the data are its latents (source 'latents' or 'synthetic').
+  config.data.vae_name = config.vae.get_ref("name")
 
   config.sampling = ml_collections.ConfigDict({
       "every_steps": 20_000,          # sample + inpainting grids (0: only at the end)
       "num_samples": 64,
-  # Linked to vae.name (one value): the data are its latents (source 'latents' or 'synthetic').
-  config.data.vae_name = config.vae.get_ref("name")
       "num_steps": 250,
       "strategy": "uniform",
       "stochastic": True,             # ancestral updates (False: DDIM / probability flow)
@@ -219,6 +224,8 @@ def apply_debug(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.sampling.num_samples = 4
   config.sampling.num_steps = 2
   config.sampling.num_inpaint = 2
+  config.eval.fid_samples = 0         # FID only when asked for (--config.eval.fid_samples=N)
+  config.eval.fid_reference = ""
   if config.data.source == "latents":  # a random 'tiny' VAE; 32² images give 4×4×4 latents
     config.data.image_size = 32
     config.vae.name = "tiny"

@@ -35,4 +35,6 @@ def get_config(arg=None):
   config.optimizer.warmup_steps = 5_000
   config.optimizer.ema_decays = (0.9999,)
   config.mesh.fsdp = 1
+  config.eval.fid_samples = 50_000    # against the training images (README, "FID protocols")
+  config.eval.fid_split = config.data.train_split
   return base.finalize(config, arg)

@@ -33,4 +33,5 @@ def get_config(arg=None):
   config.optimizer.learning_rate = 2e-4
   config.optimizer.warmup_steps = 5_000
   config.optimizer.ema_decays = (0.9999,)
+  config.eval.fid_samples = 50_000    # against the 50,000 training images, as DDPM / ADM
   return base.finalize(config, arg)

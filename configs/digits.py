@@ -39,4 +39,5 @@ def get_config(arg=None):
   config.eval.num_batches = 1
   config.sampling.every_steps = 1_000
   config.sampling.num_steps = 50
+  config.eval.fid_samples = 1_000     # against the training digits (README, "FID protocols")
   return base.finalize(config, arg)

@@ -103,4 +103,9 @@ def get_config(arg=None):
   config.mesh.fsdp = -1                       # shard parameters over every device
   config.mesh.data = 1
   config.sampling.cfg_scale = 1.5
+  # FID-50k against ADM's reference batch of the resolution, as DiT and ADM report (README,
+  # "FID protocols"; download it and pass its path if it is not in the working directory).
+  config.eval.fid_samples = 50_000
+  size = 256 if variant in ("dit", "unet") else config.data.image_size
+  config.eval.fid_reference = f"VIRTUAL_imagenet{size}_labeled.npz"
   return base.finalize(config, arg, CHOICES)

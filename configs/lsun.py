@@ -82,4 +82,9 @@ def get_config(arg=None):
   config.optimizer.learning_rate = 1e-4
   config.optimizer.warmup_steps = 5_000
   config.optimizer.ema_decays = (0.9999,)
+  # FID-50k (README, "FID protocols"): bedrooms against ADM's reference batch, as ADM and LDM
+  # report; churches (no ADM batch) against the training images' statistics.
+  config.eval.fid_samples = 50_000
+  if category == "bedroom":
+    config.eval.fid_reference = "VIRTUAL_lsun_bedroom256.npz"
   return base.finalize(config, arg, CHOICES)

@@ -44,4 +44,5 @@ def get_config(arg=None):
   config.eval.every_steps = 0
   config.sampling.every_steps = 2_000
   config.sampling.num_steps = 100
+  config.eval.fid_samples = 1_000     # against the training crops (README, "FID protocols")
   return base.finalize(config, arg)

@@ -91,3 +91,40 @@ def test_reference_without_statistics_is_refused(tmp_path):
   np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 2, 2, 3), np.uint8))
   with pytest.raises(ValueError, match="not an ADM reference batch"):
     adm.read_reference(tmp_path / "samples.npz")
+
+
+def test_missing_reference_names_the_download(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"(?s)download https://openaipublic\.blob\.core\."
+                     r"windows\.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+                     r"VIRTUAL_imagenet256_labeled\.npz.*fid_reference"):
+    adm.read_reference(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+
+
+FID_PROTOCOL_CASES = [("mnist", ""), ("digits", ""), ("textures", ""), ("cifar10", ""),
+                      ("celeba_hq", ""), ("lsun", ""), ("lsun", "bedroom"), ("imagenet", ""),
+                      ("imagenet", "unet"), ("imagenet", "pixel64"), ("imagenet", "pixel128")]
+
+
+@pytest.mark.parametrize("name, arg", FID_PROTOCOL_CASES)
+def test_every_config_states_its_fid_protocol_in_the_readme(name, arg):
+  """The README's table of FID protocols is the configs' own values (and ADM's files are ones
+  whose download the missing-file message names)."""
+  import importlib
+  import pathlib
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  sys.path.insert(0, str(root))
+  config = importlib.import_module(f"configs.{name}").get_config(arg or None)
+  e, s = config.eval, config.sampling
+  reference = (f"ADM's `{e.fid_reference}`" if e.fid_reference
+               else f"split `{e.fid_split}` of the training data")
+  row = (f"| `configs/{name}.py{':' + arg if arg else ''}` | {e.fid_samples:,} | {reference} | "
+         f"`{s.strategy}`, {s.num_steps} {'ancestral' if s.stochastic else 'DDIM'} steps | "
+         f"{s.cfg_scale:g} |")
+  assert row in (root / "README.md").read_text()
+  assert e.fid_samples > 0 and (not e.fid_reference or e.fid_reference in adm.REFERENCE_URLS)
+  if name in ("imagenet", "lsun"):
+    assert e.fid_samples == 50_000
+  assert importlib.import_module(f"configs.{name}").get_config(
+      ",".join(filter(None, [arg, "debug"]))).eval.fid_samples == 0

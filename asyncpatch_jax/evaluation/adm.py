@@ -30,6 +30,14 @@ from asyncpatch_jax.evaluation.fid import (
 from asyncpatch_jax.visualize import to_uint8
 
 IMAGES = "arr_0"
+_ADM = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches"
+# ADM's reference batches (guided-diffusion's evaluations/README.md), by file name.
+REFERENCE_URLS = {
+    "VIRTUAL_imagenet64_labeled.npz": f"{_ADM}/imagenet/64/VIRTUAL_imagenet64_labeled.npz",
+    "VIRTUAL_imagenet128_labeled.npz": f"{_ADM}/imagenet/128/VIRTUAL_imagenet128_labeled.npz",
+    "VIRTUAL_imagenet256_labeled.npz": f"{_ADM}/imagenet/256/VIRTUAL_imagenet256_labeled.npz",
+    "VIRTUAL_lsun_bedroom256.npz": f"{_ADM}/lsun/bedroom/VIRTUAL_lsun_bedroom256.npz",
+}
 
 
 def _open_member(archive: zipfile.ZipFile, key: str, path: str) -> Any:
@@ -82,6 +90,12 @@ def read_reference(path: str | os.PathLike[str]) -> ReferenceStatistics:
   """An ADM reference batch's `mu` / `sigma` as reference statistics (no features, so FID only:
   KID needs our features of `arr_0`, e.g. `FeatureExtractor.features(iter_images(path))`)."""
   path = os.fspath(path)
+  if not os.path.isfile(path):
+    name = os.path.basename(path)
+    where = REFERENCE_URLS.get(name, "openai/guided-diffusion's evaluations/README.md")
+    raise FileNotFoundError(f"ADM reference batch {path!r} not found; download {where} and pass "
+                            f"--config.eval.fid_reference=PATH (or '' for the statistics of "
+                            f"eval.fid_split)")
   with np.load(path, allow_pickle=False) as data:
     missing = [k for k in ("mu", "sigma") if k not in data.files]
     if missing:

@@ -22,6 +22,7 @@ PATH_FIELDS: dict[str, frozenset[str]] = {
     "data.lsun_dir": frozenset(),
     "data.tfds_data_dir": frozenset(),
     "eval.fid_cache_dir": frozenset(),
+    "eval.fid_reference": frozenset(),       # an ADM reference batch (evaluation/adm.py)
     "vae.weights": frozenset({"random"}),
     "sampling.output_dir": frozenset(),
     "sampling.image": frozenset(),           # a file, a folder or a glob
@@ -39,11 +40,11 @@ def absolute(path: str) -> str:
 
 
 def _field(config: Any, dotted: str) -> tuple[Any, str]:
-  parent, *rest = dotted.split(".")
+  *parents, key = dotted.split(".")
   node = config
-  for name in [parent, *rest[:-1]]:
+  for name in parents:
     node = node[name]
-  return node, rest[-1] if rest else parent
+  return node, key
 
 
 def resolve(config: Any, workdir: str) -> tuple[Any, str, dict[str, tuple[str, str]]]:

@@ -161,13 +161,13 @@ def _validate_latents(config: Any) -> None:
   _require(int(config.eval.elbo_steps) == 0,
            "eval.elbo_steps (bits/dim with the 8-bit pixel decoder) is undefined on latents; "
            "set it to 0 for data.source='latents'")
+  _require(data.source != "synthetic" or int(config.eval.fid_samples) == 0,
+           "eval.fid_samples: FID compares decoded samples with real images, which synthetic "
+           "latents lack; set it to 0 for data.source='synthetic' (or use a pixel config)")
 
 
 def _validate_init_from(config: Any) -> None:
   """`init_from`: DiT weights, read into our DiT where it computes DiT's function
-  _require(data.source != "synthetic" or int(config.eval.fid_samples) == 0,
-           "eval.fid_samples: FID compares decoded samples with real images, which synthetic "
-           "latents lack; set it to 0 for data.source='synthetic' (or use a pixel config)")
   (models/dit_weights.py checks the file's names and shapes when it is read)."""
   model, path = config.model, str(config.init_from)
   _require(model.name == "dit" and model.get("adaln", "block") == "block",
@@ -321,6 +321,9 @@ _FIELDS: tuple[tuple[str, str, Any, str], ...] = (
     ("eval.fid_batch_size", _INT, lambda v: v >= 1, ">= 1"),
     ("eval.fid_split", _STR, bool, "non-empty (e.g. 'train')"),
     ("eval.fid_cache_dir", _STR, None, ""),
+    ("eval.fid_reference", _STR, lambda v: not v or v.endswith(".npz"),
+     "'' (the statistics of eval.fid_split) or an ADM reference batch .npz"),
+    ("eval.fid_export", _BOOL, None, ""),
     ("sampling.every_steps", _INT, lambda v: v >= 0, ">= 0 (0: only at the end)"),
     ("sampling.num_samples", _INT, lambda v: v >= 1, ">= 1"),
     ("sampling.num_steps", _INT, lambda v: v >= 1, ">= 1"),

@@ -18,6 +18,7 @@ from asyncpatch_jax.sampling import masks as masks_lib
 # Config fields that hold a file or folder path (a dotted name into the config), with the
 # values of each that are names rather than paths. A field the config lacks is an error.
 PATH_FIELDS: dict[str, frozenset[str]] = {
+    "init_from": frozenset(),                # a DiT checkpoint (models/dit_weights.py)
     "data.latent_dir": frozenset(),
     "data.lsun_dir": frozenset(),
     "data.tfds_data_dir": frozenset(),

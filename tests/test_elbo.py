@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from asyncpatch_jax import diffusion as d
 from asyncpatch_jax.diffusion import paths
@@ -139,6 +140,25 @@ def test_proposal_cdf_is_the_integral_of_its_density():
       q, _ = d.elbo.log_snr_proposal(lam, SCHEDULE)
       density = jnp.mean(-SCHEDULE.dlog_snr_dt(tau) * dtau * q)
       np.testing.assert_allclose(slope[0], density, rtol=2e-3)
+
+
+def test_stratified_noise_is_standard_normal_per_stratum_and_latin_across_strata():
+  strata = 16
+  noise = d.elbo.stratified_noise(jax.random.key(0), (4000, 3), strata)
+  eps = np.stack([np.asarray(noise(j)) for j in range(strata)])  # [M, 4000, 3]
+  assert np.all(np.isfinite(eps))
+  # Every stratum alone: N(0, 1) in each element (4,000 draws: the standard error of the mean is
+  # 0.016, of the variance 0.022), the elements uncorrelated.
+  np.testing.assert_allclose(eps.mean(1), 0.0, atol=0.07)
+  np.testing.assert_allclose(eps.var(1), 1.0, atol=0.1)
+  corr = np.corrcoef(eps[5].T)
+  np.testing.assert_allclose(corr[~np.eye(3, dtype=bool)], 0.0, atol=0.07)
+  # Across strata each element visits each of the M equal-probability cells exactly once.
+  position = scipy.stats.norm.cdf(eps.astype(np.float64)) * strata  # cell + jitter
+  lower = np.arange(strata)[:, None, None]
+  assert np.all(np.abs(np.sort(position, axis=0) - lower - 0.5) <= 0.5 + 1e-4)
+  # Consecutive strata (one token's share of an ordered path) spread over the distribution.
+  assert np.abs(position[1] - position[0]).min() >= 2
 
 
 def test_paired_difference_uses_common_random_numbers():

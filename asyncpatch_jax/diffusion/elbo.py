@@ -143,6 +143,35 @@ def _inverse_cdf(cdf: Callable[[Array], Array], u: Array) -> Array:
   return 0.5 * (lo + hi)
 
 
+def stratified_noise(rng: Array, shape: tuple[int, ...], num_steps: int
+                     ) -> Callable[[Array], Array]:
+  """`j -> ε_j` for strata j < M: each ε_j ~ N(0, I) exactly, Latin-hypercube across strata.
+
+  Element k of ε_j is Φ⁻¹((c_j + w) / M) with the cell c_j = (a j + c_k) mod M, a random shift
+  c_k per element and a fresh w ~ U(0, 1): c_j is uniform for every j, so ε_j is standard normal
+  and its elements independent, but over the M strata each element visits every cell once, so
+  Σ_j ε_j² hardly varies (the χ² noise of the squared error at high SNR, most of the estimator's
+  variance on the homogeneous path). The stride a ≈ 0.618 M (coprime to M) spreads consecutive
+  strata, those of one token along an ordered path, over the whole distribution.
+  """
+  stride = max(1, round(0.618 * num_steps))
+  while math.gcd(stride, num_steps) != 1:
+    stride += 1
+  k_shift, k_jitter = jax.random.split(rng)
+  shift = jax.random.randint(k_shift, shape, 0, num_steps)
+
+  def noise(j: Array) -> Array:
+    cell = (jnp.asarray(j, jnp.int32) * stride + shift) % num_steps
+    w = jax.random.uniform(jax.random.fold_in(k_jitter, j), shape,
+                           minval=jnp.finfo(jnp.float32).tiny)
+    below = (cell + w) / num_steps                    # u
+    above = ((num_steps - 1 - cell) + (1.0 - w)) / num_steps  # 1 − u, without rounding to 0
+    return jnp.where(below < 0.5, jax.scipy.special.ndtri(below),
+                     -jax.scipy.special.ndtri(above))
+
+  return noise
+
+
 def check_proposal(path: Path, grid: tuple[int, ...], schedule: Schedule,
                    data_variance: float = DATA_VARIANCE, uniform_share: float = UNIFORM_SHARE,
                    num_points: int = 129) -> None:
@@ -270,12 +299,13 @@ def nelbo(denoiser: Callable, x0: Array, rng: Array, *, schedule: Schedule, path
   x0 = jnp.asarray(x0, jnp.float32)
   k_offset, k_noise, k_recon = jax.random.split(rng, 3)
   cdf = lambda s: proposal_cdf(path, s, grid, schedule, data_variance, uniform_share)
+  noise_cells = stratified_noise(k_noise, x0.shape, int(num_steps))
 
   def step(total, j):
-    # Stratum j of the proposal's CDF, with its own offset per example.
+    # Stratum j of the proposal's CDF, with its own offset per example, and its noise.
     u = (j + jax.random.uniform(jax.random.fold_in(k_offset, j), (x0.shape[0],))) / num_steps
     s = _inverse_cdf(cdf, u)
-    noise = jax.random.normal(jax.random.fold_in(k_noise, j), x0.shape)
+    noise = noise_cells(j)
     lam, speed, scaled_err = _token_terms(denoiser, x0, s, noise, schedule, path, patch_size)
     q, _ = log_snr_proposal(lam, schedule, data_variance, uniform_share)
     # F(s) / p(s) with p = (1/N) Σ_i a_i q(λ_i); p = 0 only where no token moves (F = 0).
@@ -285,7 +315,7 @@ def nelbo(denoiser: Callable, x0: Array, rng: Array, *, schedule: Schedule, path
     return total + weight, None
 
   total, _ = jax.lax.scan(step, jnp.zeros((x0.shape[0],), jnp.float32),
-                          jnp.arange(num_steps, dtype=jnp.float32))
+                          jnp.arange(num_steps, dtype=jnp.int32))
   out = {
       "diffusion": total / num_steps,
       "prior": prior_kl(x0, schedule),

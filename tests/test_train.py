@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from clu import metric_writers
+from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -242,10 +243,39 @@ def test_end_to_end_run_writes_everything(uninterrupted):
   for name in ("samples", "inpaint"):
     assert (workdir / f"{name}_00000004.png").exists() and (workdir / f"{name}_latest.png").exists()
     assert name in writer.images[4]
+  _check_grids(workdir, writer.images[4])
   assert sorted(writer.scalars) == [1, 2, 3, 4]
   assert all(np.isfinite(writer.scalars[s]["train/loss"]) for s in writer.scalars)
   assert list(workdir.glob("events.out.tfevents*")) == []  # the injected writer replaced TB
   assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+
+
+def _check_grids(workdir, logged):
+  """The step-4 grids decoded: 4 samples in a row (a column per class, 10 classes), and the
+  inpainting grid's rows (context with grey holes, completion, original) for its 2 examples."""
+  from test_visualize import assert_not_constant, read_grid
+
+  from asyncpatch_jax import sampling, visualize
+
+  config = _e2e_config()
+  shape = (8, 8, 1)
+  samples = read_grid(workdir / "samples_00000004.png", 4, shape, nrow=10)
+  assert_not_constant(samples, "samples")
+  inpaint = read_grid(workdir / "inpaint_00000004.png", 6, shape, nrow=2)
+  context, completion, original = inpaint[:2], inpaint[2:4], inpaint[4:]
+  reference, _ = data_lib.reference_images(config.data, 2)
+  np.testing.assert_array_equal(original, reference)
+  known = sampling.masks.make_mask(config.sampling.inpaint_mask, 2, (8, 8),
+                                   seed=config.seed)[..., None]
+  assert known.any() and not known.all()
+  grey = visualize.to_uint8(np.zeros(()))
+  np.testing.assert_array_equal(context, np.where(known, original, grey))
+  np.testing.assert_array_equal(np.where(known, completion, 0), np.where(known, original, 0))
+  assert_not_constant(completion, "inpainting completions")
+  for name, path in (("samples", "samples_latest.png"), ("inpaint", "inpaint_latest.png")):
+    with Image.open(workdir / path) as im:  # the file is what was logged
+      np.testing.assert_array_equal(np.asarray(im).reshape(logged[name].shape[1:]),
+                                    logged[name][0])
 
 
 def test_restore_is_bitwise_identical(uninterrupted, tmp_path):

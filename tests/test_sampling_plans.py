@@ -270,6 +270,74 @@ def test_adaptive_trajectory_finishes_certain_tokens_first():
     assert finish[0] < finish[-1] <= 40, (rule, finish)
 
 
+def test_budget_plan_spends_exactly_its_budget_and_lets_certain_tokens_run_ahead():
+  """The fixed-budget plan: every token clean at step N, none before the loop ends (NFE = N);
+  with the left half known and the per-position data variance as reference, the tokens next to
+  the context run ahead of the uniform pace and the farthest keeps it."""
+  known = np.arange(D) < D // 2
+  values = np.linspace(1.0, 0.0, D).reshape(1, D, 1)
+  n = 12
+  levels = _trajectory(dict(strategy="adaptive", rule="budget", num_steps=n, exponent=2.0,
+                            reference="data", data_variance=np.diag(DENOISER.cov)),
+                       denoiser=DENOISER, known=values, known_mask=known[None])
+  assert levels.shape[0] == n + 1 and np.all(levels[-1] == 0) and np.any(levels[-2] > 0)
+  uniform = 1.0 - np.arange(n + 1) / n
+  far, near = levels[:, 0, -1], levels[:, 0, D // 2]
+  np.testing.assert_allclose(far, uniform, atol=1e-5)  # the least certain: the uniform pace
+  assert np.all(near <= far + 1e-6) and np.any(near < far - 0.05), (near, far)
+  # Exponent 0 is the uniform plan, step for step.
+  flat = _trajectory(dict(strategy="adaptive", rule="budget", num_steps=n, exponent=0.0),
+                     denoiser=DENOISER, known=values, known_mask=known[None])
+  np.testing.assert_allclose(flat[:, 0, ~known], np.repeat(uniform[:, None], D // 2, 1),
+                             atol=1e-5)
+
+
+def test_budget_plan_reference_is_per_token():
+  """At the first step every unknown token is at level 1 and its ratio is 1 by construction
+  ('first'); with the data's own per-position variance as reference ('data') a token whose
+  prior variance is larger is less certain."""
+  from asyncpatch_jax.sampling.adaptive import BudgetPlan
+
+  levels = jnp.ones((1, 4), jnp.float32)
+  variance = jnp.asarray([[0.2, 0.5, 1.0, 2.0]], jnp.float32)
+  mask = jnp.zeros((1, 4), bool)
+  plan = BudgetPlan(10, SCHEDULE, exponent=1.0, relative=False)
+  nxt, ref = plan.next_levels(jnp.int32(0), levels, variance, mask, plan.init(mask))
+  np.testing.assert_allclose(np.asarray(nxt), 0.9, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ref), np.asarray(variance))
+  # Later steps keep the first step's reference; halving a token's variance doubles its pace
+  # relative to the reference when the level barely changes the reference.
+  nxt, _ = plan.next_levels(jnp.int32(5), jnp.full((1, 4), 0.99), variance / 2, mask, ref)
+  np.testing.assert_allclose(np.asarray(nxt), 0.99 * (1 - 2 / 5), rtol=2e-3)
+  plan = BudgetPlan(10, SCHEDULE, reference="data", data_variance=np.array([0.4, 0.4, 4.0, 4.0]),
+                    relative=False)
+  nxt, _ = plan.next_levels(jnp.int32(0), levels, jnp.full((1, 4), 1.0), mask, plan.init(mask))
+  np.testing.assert_allclose(np.asarray(nxt), [[0.9, 0.9, 0.6, 0.6]], atol=1e-3)
+  with pytest.raises(ValueError, match="unknown certainty reference"):
+    BudgetPlan(10, SCHEDULE, reference="global")
+
+
+def test_autoregressive_groups_overlap_and_tiling():
+  from asyncpatch_jax.sampling import make_plan
+  from asyncpatch_jax.sampling.plans import autoregressive_overlap
+
+  # A budget of 20 steps with 8 steps per group on 4 groups: the overlap follows.
+  plan = make_plan("autoregressive", (4, 4), 20, schedule=SCHEDULE, steps_per_group=8,
+                   group_shape="row")
+  assert plan.num_groups == 4 and plan.max_steps == 20 and plan.steps_per_group == 8
+  assert abs(plan.overlap - autoregressive_overlap(4, 8, 20)) < 1e-12
+  assert plan.group_shape == (1, 4)
+  levels = _trajectory(dict(strategy="autoregressive", num_steps=20, steps_per_group=8,
+                            group_shape="row"), x_shape=(1, 4, 4, 1))
+  assert levels.shape[0] == 21
+  updates_per_token = (np.diff(levels, axis=0) < 0).sum(0)[0]
+  np.testing.assert_array_equal(updates_per_token, 8)
+  with pytest.raises(ValueError, match=r"does not tile the token grid \(4, 4\)"):
+    AutoregressivePlan((4, 4), 2, group_shape=3)
+  with pytest.raises(ValueError, match="more than 4 groups of 2 steps"):
+    autoregressive_overlap(4, 2, 9)
+
+
 def test_autoregressive_steps_per_group_from_num_steps():
   levels = _trajectory(dict(strategy="autoregressive", num_steps=12, group_shape=2))
   assert levels.shape[0] == 13  # 4 groups × S = 3

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax.diffusion.level_samplers import group_ids, spiral_rank
+from asyncpatch_jax.diffusion.level_samplers import group_ids, group_shape_for, spiral_rank
 
 Array = jax.Array
 ORDERS = ("raster", "spiral", "certainty")
@@ -132,6 +132,32 @@ def autoregressive_num_steps(num_groups: int, steps_per_group: int, overlap: flo
   return int(autoregressive_offsets(num_groups, steps_per_group, overlap)[-1]) + steps_per_group
 
 
+def autoregressive_overlap(num_groups: int, steps_per_group: int, num_steps: int) -> float:
+  """The overlap ρ whose plan of S = `steps_per_group` steps per group takes `num_steps` steps.
+
+  So a total budget N buys every group S ≤ N updates: (K − 1)·S·(1 − ρ) + S = N.
+  """
+  if steps_per_group > num_steps:
+    raise ValueError(f"steps_per_group={steps_per_group} exceeds num_steps={num_steps}")
+  if num_groups == 1:
+    if steps_per_group != num_steps:
+      raise ValueError("one group takes exactly steps_per_group steps: pass num_steps equal "
+                       "to it")
+    return 0.0
+  overlap = 1.0 - (num_steps - steps_per_group) / ((num_groups - 1) * steps_per_group)
+  if overlap < 0:
+    raise ValueError(f"num_steps={num_steps} is more than {num_groups} groups of "
+                     f"{steps_per_group} steps take one after another "
+                     f"({num_groups * steps_per_group}): raise steps_per_group")
+  # The smallest ρ that fits (offsets are floored): nudge up past round-off, then check.
+  for nudge in (0.0, 1e-9, 1e-6):
+    rho = min(1.0, overlap + nudge)
+    if autoregressive_num_steps(num_groups, steps_per_group, rho) == num_steps:
+      return rho
+  raise ValueError(f"no overlap gives exactly num_steps={num_steps} for {num_groups} groups of "
+                   f"{steps_per_group} steps")
+
+
 def autoregressive_levels(num_groups: int, steps_per_group: int, overlap: float) -> np.ndarray:
   """The staircase t_k(m) for groups in slot order, `[M + 1, K]` (for plots and the ELBO)."""
   offsets = autoregressive_offsets(num_groups, steps_per_group, overlap)
@@ -164,24 +190,32 @@ class AutoregressivePlan(Plan):
     steps_per_group: S, the steps each group takes from level 1 to 0.
     overlap: ρ ∈ [0, 1].
     order: 'raster', 'spiral' (centre-out) or 'certainty'.
-    group_shape: tokens per group along each grid axis (1: every token is a group).
+    group_shape: tokens per group along each grid axis (1: every token is a group), or a
+      layout name: 'token', 'row', 'column', 'block<b>'. The groups must tile the grid.
   """
 
   grid: tuple[int, ...]
   steps_per_group: int
   overlap: float = 0.0
   order: str = "raster"
-  group_shape: int | tuple[int, ...] = 1
+  group_shape: int | tuple[int, ...] | str = 1
 
   def __post_init__(self):
     _check_steps("steps_per_group", self.steps_per_group)
     if self.order not in ORDERS:
       raise ValueError(f"unknown autoregressive order {self.order!r}; choose one of {ORDERS}")
     object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
-    if not isinstance(self.group_shape, int):
+    if isinstance(self.group_shape, str):
+      object.__setattr__(self, "group_shape", group_shape_for(self.group_shape, self.grid))
+    elif not isinstance(self.group_shape, int):
       object.__setattr__(self, "group_shape", tuple(int(g) for g in self.group_shape))
     autoregressive_offsets(1, 1, self.overlap)  # validates ρ
     group_ids(self.grid, self.group_shape)  # validates the group shape
+    shape = ((self.group_shape,) * len(self.grid) if isinstance(self.group_shape, int)
+             else self.group_shape)
+    if any(g % s for g, s in zip(self.grid, shape)):
+      raise ValueError(f"group_shape {self.group_shape} does not tile the token grid "
+                       f"{self.grid}: use sizes that divide the grid (or 'row' / 'column')")
 
   @property
   def needs_variance(self) -> bool:  # type: ignore[override]

@@ -47,12 +47,14 @@ from asyncpatch_jax.sampling.input_guidance import (
 Array = jax.Array
 Denoiser = Callable[[Array, Array], Array | Prediction]
 STRATEGIES = ("uniform", "adaptive", "autoregressive", "repaint")
+X0_DRAWS = ("mean", "last", "every")
 _STRATEGY_KWARGS = {
     "uniform": (),
     "autoregressive": ("order", "steps_per_group", "overlap", "group_shape"),
     "repaint": ("jump_length", "resample"),
 }
 _RULE_KWARGS = {
+    "budget": ("exponent", "max_speedup", "reference", "data_variance", "relative"),
     "step_size": ("exponent", "max_speedup", "data_variance"),
     "quantile": ("quantile", "speedup", "data_variance"),
 }
@@ -149,6 +151,14 @@ def _guidance_on(input_guidance: float | Array) -> bool:
   return True
 
 
+def check_x0_draw(x0_draw: str, update: str) -> None:
+  if x0_draw not in X0_DRAWS:
+    raise ValueError(f"unknown x0_draw {x0_draw!r}; choose one of {X0_DRAWS}")
+  if x0_draw == "every" and update != "ancestral":
+    raise ValueError(f"x0_draw='every' widens ancestral steps; update={update!r} has none: use "
+                     "update='ancestral' or x0_draw='last'")
+
+
 def _check_kwargs(where: str, kwargs: dict, allowed: Sequence[str]) -> None:
   unknown = sorted(set(kwargs) - set(allowed))
   if unknown:
@@ -175,7 +185,7 @@ def make_plan(strategy: str | plans_lib.Plan, grid: Sequence[int], num_steps: in
     return plans_lib.UniformPlan(_require_steps(strategy, num_steps))
   if strategy == "adaptive":
     kwargs = dict(strategy_kwargs)
-    rule = kwargs.pop("rule", "step_size")
+    rule = kwargs.pop("rule", "budget")
     if rule not in _RULE_KWARGS:
       raise ValueError(f"unknown adaptive rule {rule!r}; choose one of {adaptive.ADAPTIVE_RULES}")
     _check_kwargs(f"adaptive rule {rule!r}", kwargs, _RULE_KWARGS[rule])
@@ -185,10 +195,17 @@ def make_plan(strategy: str | plans_lib.Plan, grid: Sequence[int], num_steps: in
     _check_kwargs("strategy 'autoregressive'", strategy_kwargs, _STRATEGY_KWARGS[strategy])
     kwargs = dict(strategy_kwargs)
     steps_per_group = kwargs.pop("steps_per_group", None)
-    probe = plans_lib.AutoregressivePlan(tuple(grid), 1, **kwargs)
+    probe = plans_lib.AutoregressivePlan(tuple(grid), 1, **{**kwargs, "overlap": 0.0})
+    if kwargs.get("overlap") is None:
+      if steps_per_group is not None and num_steps is not None:
+        # A total budget and the steps each group gets: the overlap follows.
+        kwargs["overlap"] = plans_lib.autoregressive_overlap(probe.num_groups,
+                                                             int(steps_per_group), num_steps)
+      else:
+        kwargs["overlap"] = 0.0
     if steps_per_group is None:
       steps_per_group = autoregressive_steps_per_group(
-          probe.num_groups, _require_steps(strategy, num_steps), probe.overlap)
+          probe.num_groups, _require_steps(strategy, num_steps), kwargs["overlap"])
     plan = plans_lib.AutoregressivePlan(tuple(grid), int(steps_per_group), **kwargs)
     if num_steps is not None and num_steps != plan.max_steps:
       raise ValueError(f"num_steps={num_steps} disagrees with the autoregressive plan's "
@@ -220,18 +237,22 @@ def autoregressive_steps_per_group(num_groups: int, num_steps: int, overlap: flo
 def run_plan(denoise: KeyedDenoiseFn, plan: plans_lib.Plan, rng: Array,
              x_shape: Sequence[int], *, schedule: Schedule, patch_size: PatchSize = 1,
              known: Array, known_mask: Array, update: str = "ancestral",
-             return_levels: bool = False,
+             x0_draw: str = "mean", return_levels: bool = False,
              progress: Callable[[int, int], None] | None = None) -> tuple[Array, dict]:
   """Runs `plan` with the keyed denoise function; the loop behind `sample`.
 
   Args:
     denoise: `(z, levels, key) -> (Prediction, calls)`, known tokens already clean in `z`.
     known, known_mask: as returned by `prepare_known`.
+    x0_draw: how the update uses the prediction: 'mean' (x̂0, the usual), 'last' (a token
+      reaching level 0 becomes a draw from N(x̂0, v), v the uncertainty head's variance) or
+      'every' (ancestral steps integrate x over N(x̂0, v); see `updates.ancestral_step`).
 
   Returns:
     (samples, info) as for `sample`.
   """
   updates_lib.check_update(update)
+  check_x0_draw(x0_draw, update)
   x_shape = tuple(int(d) for d in x_shape)
   grid = token_grid(x_shape, patch_size)
   mask_full = expand_levels(known_mask.astype(jnp.float32), x_shape, patch_size) > 0
@@ -254,10 +275,11 @@ def run_plan(denoise: KeyedDenoiseFn, plan: plans_lib.Plan, rng: Array,
     token_variance = None
     if pred.variance is not None:
       token_variance = tokens_mean(pred.variance, patch_size)
-    elif plan.needs_variance:
-      raise ValueError(f"{type(plan).__name__} reads the predicted uncertainty, but the denoiser "
-                       "returned no variance: use a model with an uncertainty head (a "
-                       "Prediction with `variance`)")
+    elif plan.needs_variance or x0_draw != "mean":
+      what = type(plan).__name__ if plan.needs_variance else f"x0_draw={x0_draw!r}"
+      raise ValueError(f"{what} reads the predicted uncertainty, but the denoiser returned no "
+                       "variance: use a model with an uncertainty head (a Prediction with "
+                       "`variance`)")
     proposed, plan_state = plan.next_levels(step, state.levels, token_variance, known_mask,
                                             state.plan_state)
     nxt = jnp.clip(proposed.astype(jnp.float32), 0.0, state.levels)
@@ -266,8 +288,9 @@ def run_plan(denoise: KeyedDenoiseFn, plan: plans_lib.Plan, rng: Array,
     nfe, nfe_ex = state.nfe + calls, state.nfe_per_example + active * calls
     if update == "ancestral":
       noise = jax.random.normal(k_update, x_shape, jnp.float32)
-      z = updates_lib.ancestral_step(state.z, state.levels, nxt, pred.x0, noise,
-                                     schedule=schedule, patch_size=patch_size)
+      z = updates_lib.ancestral_step(
+          state.z, state.levels, nxt, pred.x0, noise, schedule=schedule, patch_size=patch_size,
+          x0_variance=pred.variance if x0_draw == "every" else None)
     elif update == "ddim":
       z = updates_lib.ddim_step(state.z, state.levels, nxt, pred.x0, schedule=schedule,
                                 patch_size=patch_size)
@@ -279,6 +302,12 @@ def run_plan(denoise: KeyedDenoiseFn, plan: plans_lib.Plan, rng: Array,
                                                 corrector_denoise, schedule=schedule,
                                                 patch_size=patch_size)
       nfe, nfe_ex = nfe + calls2, nfe_ex + needed * calls2
+    if x0_draw == "last":
+      # Tokens jumping to 0 draw from the predicted posterior instead of returning its mean.
+      jump = expand_levels(((nxt == 0) & (state.levels > 0)).astype(jnp.float32), x_shape,
+                           patch_size) > 0
+      noise = jax.random.normal(jax.random.fold_in(k_update, 1), x_shape, jnp.float32)
+      z = jnp.where(jump, pred.x0 + jnp.sqrt(pred.variance) * noise, z)
     z = jnp.where(mask_full, known, z)
     level_history = state.level_history
     if level_history is not None:
@@ -305,7 +334,8 @@ def sample(denoiser: Denoiser, rng: Array, x_shape: Sequence[int], *,
            num_steps: int | None = None, patch_size: PatchSize = 1,
            known: Array | None = None, known_mask: Array | None = None,
            input_guidance: float | Array = 0.0, guidance_level: float = DEFAULT_GUIDANCE_LEVEL,
-           stochastic: bool = True, update: str | None = None, return_levels: bool = False,
+           stochastic: bool = True, update: str | None = None, x0_draw: str = "mean",
+           return_levels: bool = False,
            progress: Callable[[int, int], None] | None = None,
            **strategy_kwargs) -> tuple[Array, dict[str, Array]]:
   """Draws samples of shape `x_shape = [B, *spatial, C]` with per-token noise levels.
@@ -317,7 +347,8 @@ def sample(denoiser: Denoiser, rng: Array, x_shape: Sequence[int], *,
     schedule: the training schedule (or its name).
     strategy: 'uniform', 'adaptive' (kwargs `rule='step_size'|'quantile'` and the rule's own,
       see `adaptive.py`), 'autoregressive' (`order='raster'|'spiral'|'certainty'`,
-      `steps_per_group`, `overlap`, `group_shape`), 'repaint' (`jump_length=10`,
+      `steps_per_group`, `overlap`, `group_shape`; with `num_steps` and `steps_per_group` but
+      no `overlap`, the overlap that fits them), 'repaint' (`jump_length=10`,
       `resample=10`), or a `plans.Plan`. Inpainting is any strategy with `known_mask`.
     num_steps: the plan's steps (uniform), reference budget (adaptive), total steps
       (autoregressive, or give `steps_per_group`) or base steps before jumps (repaint).
@@ -332,6 +363,9 @@ def sample(denoiser: Denoiser, rng: Array, x_shape: Sequence[int], *,
     guidance_level: k, the level the context is re-noised to in the guidance branch (0.5).
     stochastic: picks the default update: 'ancestral' (True) or 'ddim' (False).
     update: 'ancestral', 'ddim' or 'heun' (overrides `stochastic`).
+    x0_draw: 'mean' (the updates use x̂0), 'last' (a token reaching level 0 is drawn from
+      N(x̂0, v), v the uncertainty head's variance) or 'every' (ancestral steps integrate x over
+      N(x̂0, v)); not for 'repaint'.
     return_levels: also return the level-map trajectory.
     progress: optional `progress(step, max_steps)`, called from the device each step (a host
       callback: for progress bars only).
@@ -349,6 +383,7 @@ def sample(denoiser: Denoiser, rng: Array, x_shape: Sequence[int], *,
   grid = token_grid(x_shape, patch_size)
   update = update if update is not None else ("ancestral" if stochastic else "ddim")
   updates_lib.check_update(update)
+  check_x0_draw(x0_draw, update)
   if num_steps is not None and (int(num_steps) != num_steps or num_steps < 1):
     raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
   guided = _guidance_on(input_guidance)
@@ -362,6 +397,8 @@ def sample(denoiser: Denoiser, rng: Array, x_shape: Sequence[int], *,
     if guided:
       raise ValueError("input guidance needs clean context, which RePaint does not keep: use "
                        "another strategy")
+    if x0_draw != "mean":
+      raise ValueError(f"x0_draw={x0_draw!r} is for plans; RePaint uses x̂0: pass 'mean'")
     return repaint.sample_repaint(call, rng, x_shape, schedule=schedule,
                                   num_steps=_require_steps("repaint", num_steps),
                                   patch_size=patch_size, known=known_arr, known_mask=mask,
@@ -378,5 +415,5 @@ def sample(denoiser: Denoiser, rng: Array, x_shape: Sequence[int], *,
       del key
       return call(z, levels), jnp.int32(1)
   return run_plan(denoise, plan, rng, x_shape, schedule=schedule, patch_size=patch_size,
-                  known=known_arr, known_mask=mask, update=update, return_levels=return_levels,
-                  progress=progress)
+                  known=known_arr, known_mask=mask, update=update, x0_draw=x0_draw,
+                  return_levels=return_levels, progress=progress)

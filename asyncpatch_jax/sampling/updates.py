@@ -48,8 +48,14 @@ def _finish(z_s: Array, z: Array, x0: Array, t: Array, s: Array) -> Array:
 
 
 def ancestral_step(z: Array, t: Array, s: Array, x0: Array, noise: Array, *,
-                   schedule: Schedule, patch_size: PatchSize = 1) -> Array:
-  """One per-token DDPM posterior step z_t → z_s (levels `t`, `s`: `[B, *spatial/p]`)."""
+                   schedule: Schedule, patch_size: PatchSize = 1,
+                   x0_variance: Array | None = None) -> Array:
+  """One per-token DDPM posterior step z_t → z_s (levels `t`, `s`: `[B, *spatial/p]`).
+
+  With `x0_variance` v (the uncertainty head's), x is integrated out over N(x̂0, diag v)
+  instead of fixed at x̂0: the variance grows by (c α_s)² v, and a token reaching 0 becomes
+  x̂0 + √v ε. For Gaussian data with a diagonal posterior this step is exact at any size.
+  """
   t_full = expand_levels(t, z.shape, patch_size)
   s_full = expand_levels(s, z.shape, patch_size)
   lam_t, lam_s = schedule.log_snr(t_full), schedule.log_snr(s_full)
@@ -57,8 +63,11 @@ def ancestral_step(z: Array, t: Array, s: Array, x0: Array, noise: Array, *,
   alpha_s, sigma_s = schedule.alpha_sigma(s_full)
   c = -jnp.expm1(jnp.minimum(lam_t - lam_s, 0.0))
   mean = (alpha_s / alpha_t) * (1.0 - c) * z + c * alpha_s * x0
-  z_s = mean + sigma_s * jnp.sqrt(c) * noise
-  return _finish(z_s, z, x0, t_full, s_full)
+  if x0_variance is None:
+    return _finish(mean + sigma_s * jnp.sqrt(c) * noise, z, x0, t_full, s_full)
+  var = c * jnp.square(sigma_s) + jnp.square(c * alpha_s) * x0_variance
+  drawn = x0 + jnp.sqrt(x0_variance) * noise
+  return _finish(mean + jnp.sqrt(var) * noise, z, drawn, t_full, s_full)
 
 
 def ddim_step(z: Array, t: Array, s: Array, x0: Array, *, schedule: Schedule,

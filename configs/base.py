@@ -157,6 +157,10 @@ def defaults() -> ml_collections.ConfigDict:
       "fid_reference": "",
       "fid_export": False,            # also save the samples in ADM's format (evaluation/adm.py)
       "fid_cache_dir": "",            # '' = <workdir>/fid_cache
+      # --mode=eval: the paired bits/dim difference (same x0, s, noise) against a checkpoint of
+      # the same model in that workdir ('' = none; may be --workdir itself, at another step).
+      "compare_workdir": "",
+      "compare_step": 0,              # its checkpoint (0 = the latest)
   })
 
   config.vae = ml_collections.ConfigDict({  # the autoencoder of data.source='latents'

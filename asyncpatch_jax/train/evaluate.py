@@ -4,9 +4,13 @@ The objective is evaluated with the training level sampler but a fixed key per b
 from different steps are comparable. Bits/dim is the negative ELBO (discretised 8-bit decoder,
 `eval.elbo_steps` strata) along each path of `eval.paths` (METHOD.md, "ELBO"): 'homogeneous' (VDM's
 continuous-time bound), 'raster' (the autoregressive order) and 'random' (a random token order per
-example). `evaluate(config, workdir)` is `--mode=eval`: the latest checkpoint's EMA over the whole
-eval split, plus FID / KID of `eval.fid_samples` samples against the `eval.fid_split` statistics,
-into `<workdir>/eval_step_<step>.json`.
+example), each with its standard error over the examples (`*_se`). `evaluate(config, workdir)` is
+`--mode=eval`: the latest checkpoint's EMA over the whole eval split, plus FID / KID of
+`eval.fid_samples` samples against the `eval.fid_split` statistics, into
+`<workdir>/eval_step_<step>.json`. With `eval.compare_workdir`, a second checkpoint of the same
+model is evaluated on the same examples with the same s and noise (common random numbers), and
+the paired difference (this − compared) in bits/dim comes with its standard error (`*_diff`,
+`*_diff_se`): far smaller than the unpaired one, so small gains are measurable.
 """
 
 from __future__ import annotations
@@ -64,12 +68,18 @@ def make_path(name: str, grid: tuple[int, ...], key: jax.Array) -> paths.Path:
   return paths.random_order(grid[1:], key, batch=grid[0])
 
 
+def bpd_key(path_name: str) -> str:
+  """The result key of bits/dim along a path: 'bpd' (homogeneous) or 'bpd_<path>'."""
+  return "bpd" if path_name == "homogeneous" else f"bpd_{path_name}"
+
+
 class Evaluator:
-  """Mean held-out loss (and bits/dim per path) over `num_batches` global batches of the eval
-  split (0: the whole split)."""
+  """Mean held-out loss and bits/dim per path (each with its standard error) over `num_batches`
+  global batches of the eval split (0: the whole split); with `compare=True` also the paired
+  bits/dim difference against a second set of parameters passed to each call."""
 
   def __init__(self, config: Any, setup: state_lib.StateSetup, batch_sharding: NamedSharding,
-               num_batches: int | None = None):
+               num_batches: int | None = None, compare: bool = False):
     self.config, self.setup, self.batch_sharding = config, setup, batch_sharding
     self.num_batches = int(config.eval.num_batches) if num_batches is None else num_batches
     # Open the split now, so a missing or too small eval split fails before any compilation.
@@ -82,52 +92,77 @@ class Evaluator:
     patch = int(config.diffusion.patch_size)
     elbo_steps = int(config.eval.elbo_steps)
     names = path_names(config.eval) if elbo_steps > 0 else ()
+    if compare and not names:
+      raise ValueError("eval.compare_workdir compares bits/dim: set eval.elbo_steps > 0")
     grid = diffusion.token_grid((int(config.data.batch_size), *state_lib.data_shape(config)),
                                 patch)
     num_classes = int(config.model.num_classes)
     root = jax.random.fold_in(jax.random.key(int(config.seed)), 0xE7A1)
 
-    def eval_step(params, model_state, batch, index):
+    def eval_step(params, model_state, batch, index, *other):
       key = jax.random.fold_in(root, index)
       _, (aux, _) = loss_fn(params, model_state, batch, key)
       out = {"loss": aux["loss"], "mse": aux["mse"], "nll": aux["nll"]}
-      if names:
-        model = setup.model_def.merge(params, model_state)
-        labels = batch["label"].astype(jnp.int32) if num_classes else None
+      labels = batch["label"].astype(jnp.int32) if num_classes else None
+      x0 = data_lib.to_model_range(batch["image"])
+      networks = {"": (params, model_state)}
+      if other:
+        networks["_compare"] = other
+      for suffix, (p, m) in networks.items():
         denoiser = models.make_denoiser(
-            model, schedule=schedule, parametrization=config.model.parametrization,
-            patch_size=patch, labels=labels, num_classes=num_classes)
-        x0 = data_lib.to_model_range(batch["image"])
+            setup.model_def.merge(p, m), schedule=schedule,
+            parametrization=config.model.parametrization, patch_size=patch, labels=labels,
+            num_classes=num_classes)
         for name in names:
-          # The same key for every path: the paths differ only in the order of corruption.
+          # The same keys for every path and network: common random numbers.
           path = make_path(name, grid, jax.random.fold_in(key, 2))
           bound = elbo.nelbo(denoiser, x0, jax.random.fold_in(key, 1), schedule=schedule,
                              path=path, num_steps=elbo_steps, patch_size=patch,
                              data="discrete8bit")
-          out["bpd" if name == "homogeneous" else f"bpd_{name}"] = bound["bpd"].mean()
+          out[bpd_key(name) + suffix] = bound["bpd"]  # per example
       return out
 
     replicated = NamedSharding(setup.mesh, P())
-    self._step = jax.jit(eval_step, in_shardings=(setup.shardings.params,
-                                                  setup.shardings.model_state, batch_sharding,
-                                                  replicated),
-                         out_shardings=replicated)
+    network_shardings = (setup.shardings.params, setup.shardings.model_state)
+    self._step = jax.jit(
+        eval_step, in_shardings=(*network_shardings, batch_sharding, replicated,
+                                 *(network_shardings if compare else ())),
+        out_shardings=replicated)
+    self._names, self._compare = names, compare
 
-  def __call__(self, state: state_lib.TrainState) -> dict[str, float]:
+  def __call__(self, state: state_lib.TrainState,
+               compare_state: state_lib.TrainState | None = None) -> dict[str, float]:
+    if (compare_state is not None) != self._compare:
+      raise ValueError("pass compare_state exactly when the Evaluator was built with compare=True")
     params = state.ema[ema_params_name(self.config)]
+    other = (() if compare_state is None else
+             (compare_state.ema[ema_params_name(self.config)], compare_state.model_state))
     pipeline = data_lib.create_eval_pipeline(self.config.data, self.batch_sharding,
                                              max_batches=self.num_batches or None,
                                              source=self._source)
     totals: dict[str, float] = {}
+    per_example: dict[str, list[np.ndarray]] = {}
     count = 0
     for index, batch in enumerate(pipeline):
       if pipeline.num_batches is not None and index >= pipeline.num_batches:
         break
-      out = self._step(params, state.model_state, batch, jnp.int32(index))
+      out = self._step(params, state.model_state, batch, jnp.int32(index), *other)
       for k, v in out.items():
-        totals[k] = totals.get(k, 0.0) + float(np.asarray(v))
+        if k.startswith("bpd"):
+          per_example.setdefault(k, []).append(np.asarray(v))
+        else:
+          totals[k] = totals.get(k, 0.0) + float(np.asarray(v))
       count += 1
-    return {f"eval/{k}": v / max(count, 1) for k, v in totals.items()}
+    results = {f"eval/{k}": v / max(count, 1) for k, v in totals.items()}
+    for name in self._names:
+      key = bpd_key(name)
+      values = np.concatenate(per_example[key])
+      if self._compare:
+        pair = elbo.paired_difference(values, np.concatenate(per_example[key + "_compare"]))
+        results.update({f"eval/{key}_compare": pair["b"], f"eval/{key}_compare_se": pair["b_se"],
+                        f"eval/{key}_diff": pair["diff"], f"eval/{key}_diff_se": pair["diff_se"]})
+      results[f"eval/{key}"], results[f"eval/{key}_se"] = elbo.mean_and_stderr(values)
+    return results
 
 
 def _reference_batches(config: Any, split: str, batch: int) -> Callable[[], Iterator[np.ndarray]]:
@@ -212,12 +247,21 @@ def _write_json_atomic(path: epath.Path, payload: dict[str, Any]) -> None:
 
 def evaluate(config: Any, workdir: str | epath.Path) -> dict[str, float]:
   """`--mode=eval`: the latest checkpoint's EMA over the whole eval split (loss and bits/dim
-  along `eval.paths`), and FID / KID when `eval.fid_samples` > 0; writes
-  `<workdir>/eval_step_<step>.json`."""
+  along `eval.paths`, with standard errors), the paired bits/dim difference against
+  `eval.compare_workdir`'s checkpoint when set, and FID / KID when `eval.fid_samples` > 0;
+  writes `<workdir>/eval_step_<step>.json`."""
   from asyncpatch_jax.train import trainer  # the shared preparation; avoids an import cycle
 
+  compare_dir = str(config.eval.compare_workdir)
   workdir, batch_sharding, setup, state, step = trainer.restore_latest(config, workdir)
-  results: dict[str, Any] = Evaluator(config, setup, batch_sharding, num_batches=0)(state)
+  compare_state = compare_step = None
+  if compare_dir:
+    # The same model (restore_latest checks the config's compatibility) from another run or step.
+    *_, compare_state, compare_step = trainer.restore_latest(
+        config, compare_dir, step=int(config.eval.compare_step) or None)
+  evaluator = Evaluator(config, setup, batch_sharding, num_batches=0,
+                        compare=compare_state is not None)
+  results: dict[str, Any] = evaluator(state, compare_state)
   if int(config.eval.fid_samples) > 0:
     results.update(sample_quality(config, setup, state, workdir))
   results["step"] = step
@@ -226,6 +270,9 @@ def evaluate(config: Any, workdir: str | epath.Path) -> dict[str, float]:
                          "fid_split": config.eval.fid_split,
                          "fid_samples": int(config.eval.fid_samples),
                          "sampling": config.sampling.to_dict()}
+  if compare_dir:
+    results["settings"]["compare"] = {"workdir": compare_dir, "step": compare_step,
+                                      "difference": "this checkpoint − compared, bits/dim"}
   logging.info("Evaluation at step %d: %s", step, results)
   if jax.process_index() == 0:
     _write_json_atomic(workdir / f"eval_step_{step}.json", results)

@@ -128,6 +128,9 @@ def validate_config(config: Any) -> None:
   _require(float(sampling.cfg_scale) == 0.0 or num_classes > 0,
            "sampling.cfg_scale needs a class-conditional model (model.num_classes > 0)")
 
+  _require(not config.eval.get("compare_workdir") or int(config.eval.elbo_steps) > 0,
+           "eval.compare_workdir compares bits/dim: set eval.elbo_steps > 0 (e.g. 16)")
+
   ckpt = config.checkpoint
   _require(int(ckpt.every_steps) > 0, "checkpoint.every_steps must be positive")
   _require(int(ckpt.max_to_keep) >= 0 and int(ckpt.keep_period) >= 0,
@@ -324,6 +327,8 @@ _FIELDS: tuple[tuple[str, str, Any, str], ...] = (
     ("eval.fid_reference", _STR, lambda v: not v or v.endswith(".npz"),
      "'' (the statistics of eval.fid_split) or an ADM reference batch .npz"),
     ("eval.fid_export", _BOOL, None, ""),
+    ("eval.compare_workdir", _STR, None, ""),
+    ("eval.compare_step", _INT, lambda v: v >= 0, ">= 0 (0: the latest checkpoint)"),
     ("sampling.every_steps", _INT, lambda v: v >= 0, ">= 0 (0: only at the end)"),
     ("sampling.num_samples", _INT, lambda v: v >= 1, ">= 1"),
     ("sampling.num_steps", _INT, lambda v: v >= 1, ">= 1"),

@@ -350,6 +350,7 @@ class DatasetBench:
     self.root = jax.random.key(int(args.seed))
     self._programs: dict[Any, Any] = {}
     self._fid_cache: dict[Any, dict] = {}
+    self._bpd_cache: dict[tuple[str, str], np.ndarray] = {}
     ref_images, _ = data_lib.reference_images(self.config.data, args.num_ref)
     cache = os.path.join(args.workdir, "fid_cache")
     name = f"{dataset}-test-{self.shape[0]}px-{args.num_ref}"
@@ -424,13 +425,18 @@ class DatasetBench:
 
   # -- bits/dim ----------------------------------------------------------------------------
 
-  def bpd(self, variant: str, path_name: str) -> dict[str, float]:
-    """Mean bits/dim (and its standard error) along 'homogeneous' or 'raster'."""
+  def bpd_values(self, variant: str, path_name: str) -> np.ndarray:
+    """Per-example bits/dim along 'homogeneous' or 'raster' (cached). The keys depend on the
+    path and the batch, not the network: every network sees the same x0, s and noise (common
+    random numbers), so differences between networks are paired."""
+    key = (variant, path_name)
+    if key in self._bpd_cache:
+      return self._bpd_cache[key]
     net = self.networks[variant]
     images, labels = data_lib.reference_images(self.config.data, self.args.elbo_examples)
     path = paths.homogeneous() if path_name == "homogeneous" else paths.raster(self.grid)
-    key = ("elbo", path_name)
-    if key not in self._programs:
+    program = ("elbo", path_name)
+    if program not in self._programs:
       def run(params, model_state, x0, labels, rng):
         model = self.model_def.merge(params, model_state)
         denoiser = models.make_denoiser(model, schedule=self.schedule,
@@ -440,18 +446,29 @@ class DatasetBench:
                                         num_classes=self.num_classes)
         return elbo.nelbo(denoiser, x0, rng, schedule=self.schedule, path=path,
                           num_steps=self.args.elbo_steps, patch_size=self.patch,
-                          data="discrete8bit")["bpd"]
+                          data="discrete8bit", data_variance=self.data_variance)["bpd"]
 
-      self._programs[key] = jax.jit(run)
+      self._programs[program] = jax.jit(run)
     values = []
     for i in range(0, len(images), self.args.batch):
       x0 = images[i:i + self.args.batch].astype(np.float32) * (2 / 255) - 1
       rng = jax.random.fold_in(self.root, _key_of(self.dataset, "elbo", path_name, i))
-      values.append(np.asarray(self._programs[key](net.params, net.model_state, x0,
-                                                   labels[i:i + self.args.batch], rng)))
-    v = np.concatenate(values)
-    return {"bpd": float(v.mean()), "bpd_se": float(v.std(ddof=1) / math.sqrt(len(v)))
-            if len(v) > 1 else float("nan")}
+      values.append(np.asarray(self._programs[program](net.params, net.model_state, x0,
+                                                       labels[i:i + self.args.batch], rng)))
+    self._bpd_cache[key] = np.concatenate(values)
+    return self._bpd_cache[key]
+
+  def bpd(self, variant: str, path_name: str) -> dict[str, float]:
+    """Mean bits/dim along 'homogeneous' or 'raster' and its standard error."""
+    return dict(zip(("bpd", "bpd_se"), elbo.mean_and_stderr(self.bpd_values(variant, path_name))))
+
+  def bpd_difference(self, variant: str, other: str, path_name: str) -> dict[str, float]:
+    """Paired bits/dim difference `variant − other` (same x0, s, noise) with its standard error,
+    and the unpaired standard error for comparison."""
+    pair = elbo.paired_difference(self.bpd_values(variant, path_name),
+                                  self.bpd_values(other, path_name))
+    return {"bpd_diff": pair["diff"], "bpd_diff_se": pair["diff_se"],
+            "bpd_diff_se_unpaired": pair["diff_se_unpaired"]}
 
   # -- inpainting --------------------------------------------------------------------------
 
@@ -501,10 +518,23 @@ def claim_1_2(bench: DatasetBench, other: str) -> dict[str, Any]:
     row.update(bench.bpd(variant, "homogeneous"))
     rows[variant] = row
   a, o = rows["asyncpatch"], rows[other]
+  pair = bench.bpd_difference("asyncpatch", other, "homogeneous")
   verdict = (f"FID {a['fid']:.2f} (asyncpatch) vs {o['fid']:.2f} ({other}): "
              f"{compare(a['fid'], o['fid'], 0.10)}; homogeneous bits/dim {a['bpd']:.3f} vs "
-             f"{o['bpd']:.3f}: {compare(a['bpd'], o['bpd'], 0.02)}")
-  return {"rows": rows, "verdict": verdict}
+             f"{o['bpd']:.3f}: {paired_verdict(pair)}")
+  return {"rows": rows, "bpd_difference": pair, "verdict": verdict}
+
+
+def paired_verdict(pair: dict[str, float]) -> str:
+  """A paired bits/dim difference (asyncpatch − other) read at two standard errors."""
+  diff, se = pair["bpd_diff"], pair["bpd_diff_se"]
+  text = (f"difference {diff:+.3f} ± {se:.3f} (paired; unpaired "
+          f"± {pair['bpd_diff_se_unpaired']:.3f})")
+  if not (np.isfinite(diff) and np.isfinite(se)):
+    return "not measurable"
+  if abs(diff) <= 2 * se:
+    return f"no significant difference, {text}"
+  return f"asyncpatch {'better' if diff < 0 else 'worse'}, {text}"
 
 
 def compare(ours: float, theirs: float, tolerance: float) -> str:
@@ -649,13 +679,18 @@ def claim_6(bench: DatasetBench) -> dict[str, Any]:
   rows["sampling"] = {"autoregressive (raster)": ar, "uniform": uni}
   elbos = {}
   for variant in bench.networks:
-    elbos[variant] = {"raster": bench.bpd(variant, "raster"),
-                      "homogeneous": bench.bpd(variant, "homogeneous")}
+    elbos[variant] = {name: bench.bpd(variant, name) for name in ("raster", "homogeneous")}
+    if variant != "asyncpatch":  # paired against asyncpatch: asyncpatch − variant
+      for name in ("raster", "homogeneous"):
+        elbos[variant][name].update(bench.bpd_difference("asyncpatch", variant, name))
   rows["bits_per_dim"] = elbos
   best = min(elbos, key=lambda v: elbos[v]["raster"]["bpd"])
+  versus = "; ".join(f"asyncpatch vs {v} (raster): {paired_verdict(r['raster'])}"
+                     for v, r in elbos.items() if v != "asyncpatch")
   verdict = (f"AR FID {ar['fid']:.2f} at NFE {ar['nfe']:.0f} vs uniform {uni['fid']:.2f} at "
              f"NFE {uni['nfe']:.0f}; lowest raster-path bits/dim: {best} "
-             f"({elbos[best]['raster']['bpd']:.3f})")
+             f"({elbos[best]['raster']['bpd']:.3f} ± {elbos[best]['raster']['bpd_se']:.3f})"
+             f"{'; ' + versus if versus else ''}")
   return {"rows": rows, "verdict": verdict}
 
 
@@ -685,7 +720,8 @@ def markdown(results: dict[str, Any]) -> str:
       f"FID: {s['features']} features of {s['num_fid']} samples against {s['num_ref']} test "
       f"images ({s['sample_steps']}-step ancestral sampling unless stated). Small-sample FID is "
       f"biased upwards: compare within a table only. LPIPS: AlexNet on images resized to 64×64. "
-      f"Bits/dim: {s['elbo_examples']} test images, {s['elbo_steps']} strata, 8-bit decoder.",
+      f"Bits/dim: {s['elbo_examples']} test images, {s['elbo_steps']} strata, 8-bit decoder, "
+      f"± its standard error over the images.",
       "", "## Networks (equal training compute: same architecture, batch and updates)", "",
       "| network | updates | training time (s) |", "|---|---|---|"]
   for name, m in results["models"].items():
@@ -708,6 +744,11 @@ def claim_table(claim: int, res: dict[str, Any]) -> list[str]:
     for name, r in rows.items():
       out.append(f"| {name} | {fmt(r['fid'], 2)} | {fmt(r['kid'], 4)} | {fmt(r['nfe'], 0)} | "
                  f"{fmt(r['bpd'])} ± {fmt(r['bpd_se'])} |")
+    if "bpd_difference" in res:
+      pair = res["bpd_difference"]
+      out += ["", f"Homogeneous bits/dim, asyncpatch − other, paired (same images, s and noise): "
+              f"{pair['bpd_diff']:+.3f} ± {fmt(pair['bpd_diff_se'])} (unpaired ± "
+              f"{fmt(pair['bpd_diff_se_unpaired'])})."]
     return out
   if claim == 3:
     out = ["| mask | method | LPIPS ↓ | NFE |", "|---|---|---|---|"]
@@ -735,10 +776,17 @@ def claim_table(claim: int, res: dict[str, Any]) -> list[str]:
   out = ["| sampler (asyncpatch) | NFE | FID ↓ |", "|---|---|---|"]
   for label, r in rows["sampling"].items():
     out.append(f"| {label} | {fmt(r['nfe'], 0)} | {fmt(r['fid'], 2)} |")
-  out += ["", "| network | bits/dim raster ↓ | bits/dim homogeneous ↓ |", "|---|---|---|"]
+  out += ["", "Bits/dim ± standard error; Δ: asyncpatch − network, paired (same images, s and "
+          "noise), ± its standard error.", "",
+          "| network | bits/dim raster ↓ | Δ raster | bits/dim homogeneous ↓ | Δ homogeneous |",
+          "|---|---|---|---|---|"]
   for name, r in rows["bits_per_dim"].items():
-    out.append(f"| {name} | {fmt(r['raster']['bpd'])} ± {fmt(r['raster']['bpd_se'])} | "
-               f"{fmt(r['homogeneous']['bpd'])} ± {fmt(r['homogeneous']['bpd_se'])} |")
+    cells = [name]
+    for path_name in ("raster", "homogeneous"):
+      b = r[path_name]
+      cells.append(f"{fmt(b['bpd'])} ± {fmt(b['bpd_se'])}")
+      cells.append(f"{b['bpd_diff']:+.3f} ± {fmt(b['bpd_diff_se'])}" if "bpd_diff" in b else "–")
+    out.append("| " + " | ".join(cells) + " |")
   return out
 
 

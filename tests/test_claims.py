@@ -84,8 +84,10 @@ def test_quick_every_claim(tmp_path):
   assert counts == {s["train_steps"]}  # equal training compute
   for claim in ("1", "2"):
     for row in results["claims"][claim]["mnist"]["rows"].values():
-      assert _finite(row["fid"], row["bpd"]) and row["bpd"] > 0
+      assert _finite(row["fid"], row["bpd"], row["bpd_se"]) and row["bpd"] > 0
       assert row["nfe"] == s["sample_steps"]
+    pair = results["claims"][claim]["mnist"]["bpd_difference"]
+    assert _finite(*pair.values()) and pair["bpd_diff_se"] > 0
   inpaint = results["claims"]["3"]["mnist"]["rows"]
   assert set(inpaint) == set(s["masks"].split(","))
   for methods in inpaint.values():
@@ -98,8 +100,29 @@ def test_quick_every_claim(tmp_path):
   grid = s["image_size"] // 2  # the MNIST config's 2×2 tokens
   assert ar["sampling"]["autoregressive (raster)"]["nfe"] == sampling.autoregressive_num_steps(
       grid * grid, s["ar_steps_per_group"], s["ar_overlap"])
-  for bounds in ar["bits_per_dim"].values():
-    assert _finite(bounds["raster"]["bpd"], bounds["homogeneous"]["bpd"])
+  for name, bounds in ar["bits_per_dim"].items():
+    for path in ("raster", "homogeneous"):
+      assert _finite(bounds[path]["bpd"], bounds[path]["bpd_se"])
+      assert ("bpd_diff" in bounds[path]) == (name != "asyncpatch")
+
+
+def test_bits_per_dim_verdicts_and_tables_carry_standard_errors():
+  claims = _load_claims()
+  pair = {"bpd_diff": -0.05, "bpd_diff_se": 0.01, "bpd_diff_se_unpaired": 0.2}
+  assert claims.paired_verdict(pair).startswith("asyncpatch better")
+  assert claims.paired_verdict({**pair, "bpd_diff": 0.015}).startswith("no significant")
+  assert claims.paired_verdict({**pair, "bpd_diff": 0.05}).startswith("asyncpatch worse")
+  assert claims.paired_verdict({**pair, "bpd_diff": float("nan")}) == "not measurable"
+  bound = {"bpd": 1.25, "bpd_se": 0.125}
+  res = {"rows": {"sampling": {}, "bits_per_dim": {
+      "asyncpatch": {"raster": bound, "homogeneous": bound},
+      "iid": {"raster": {**bound, **pair}, "homogeneous": {**bound, **pair}}}}}
+  table = "\n".join(claims.claim_table(6, res))
+  assert "| asyncpatch | 1.250 ± 0.125 | – | 1.250 ± 0.125 | – |" in table
+  assert "| iid | 1.250 ± 0.125 | -0.050 ± 0.010 | 1.250 ± 0.125 | -0.050 ± 0.010 |" in table
+  rows = {"a": {"fid": 1.0, "kid": 0.1, "nfe": 4, **bound}}
+  table = "\n".join(claims.claim_table(1, {"rows": rows, "bpd_difference": pair}))
+  assert "1.250 ± 0.125" in table and "-0.050 ± 0.010 (unpaired ± 0.200)" in table
 
 
 def test_claims_arguments():

@@ -24,6 +24,7 @@ PATH_FIELDS: dict[str, frozenset[str]] = {
     "data.tfds_data_dir": frozenset(),
     "eval.fid_cache_dir": frozenset(),
     "eval.fid_reference": frozenset(),       # an ADM reference batch (evaluation/adm.py)
+    "eval.compare_workdir": frozenset(),     # a second run's workdir (paired bits/dim)
     "vae.weights": frozenset({"random"}),
     "sampling.output_dir": frozenset(),
     "sampling.image": frozenset(),           # a file, a folder or a glob

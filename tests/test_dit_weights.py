@@ -58,8 +58,9 @@ def _save_like_train_py(torch, ema, path):
   state after one step and the command line."""
   model = copy.deepcopy(ema).train()
   with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05)
+    for name, p in model.named_parameters():
+      if name != "pos_embed":  # fixed, not trained
+        p.add_(0.05)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
   size = int(ema.x_embedder.num_patches**0.5) * ema.patch_size
   model(torch.randn(2, 4, size, size), torch.tensor([3, 700]), torch.tensor([0, 1])).square(
@@ -127,8 +128,6 @@ def test_outputs_equal_torch_dit_at_matched_log_snr(tmp_path, name, uncertainty,
   trained = _save_like_train_py(torch, ema, tmp_path / "0400000.pt")
   ours = _ours(num_classes=10, uncertainty=uncertainty, scan_layers=scan_layers, **dims)
   notes = dit_weights.load_dit_checkpoint(ours, tmp_path / "0400000.pt")
-  assert "ema weights" in notes[0] and "'model': 'DiT-S/2'" in notes[0]
-  assert "dropped DiT's learned-σ outputs" in notes[1]
 
   size = dims["size"]
   x = np.random.default_rng(1).normal(size=(len(STEPS), size, size, 4)).astype(np.float32)
@@ -148,6 +147,8 @@ def test_outputs_equal_torch_dit_at_matched_log_snr(tmp_path, name, uncertainty,
   # The EMA was read, not the trained model (which differs by 0.05 in every parameter).
   other = _torch_output(torch, trained, x, STEPS, labels)
   assert np.abs(other[..., :4] - reference[..., :4]).max() > 0.05
+  assert "ema weights" in notes[0] and "'model': 'DiT-S/2'" in notes[0]
+  assert "dropped DiT's learned-σ outputs" in notes[1]
 
 
 def test_export_round_trips_and_loads_into_torch_strictly(tmp_path):
@@ -242,11 +243,12 @@ def test_mismatched_checkpoints_name_the_file_architecture_and_each_tensor():
   assert "the file: DiT with hidden size 32, depth 2, patch 2, 4 input channels (8 out, " \
          "learned σ), 10 classes, 16 tokens (8×8×4 inputs)" in message
   assert "the config: DiT with hidden size 32, depth 3" in message
-  assert "6 missing: blocks.2.attn.qkv.weight" in message
+  assert "10 missing: blocks.2.adaLN_modulation.1.bias; blocks.2.adaLN_modulation.1.weight" \
+         in message
   wider = _ours(num_classes=10, uncertainty=False, **(dims | {"hidden": 64}))
-  with pytest.raises(ValueError, match=r"(?s)mis-shaped: x_embedder\.proj\.weight: file "
-                     r"\[32, 4, 2, 2\], our patch_embed/kernel needs \[16, 64\] in our "
-                     r"layout.*pos_embed"):
+  with pytest.raises(ValueError, match=r"31 mis-shaped: blocks\.0\.adaLN_modulation\.1\.bias: "
+                     r"file \[192\], our blocks/0/adaln/bias needs \[384\] in our layout; .*"
+                     r"; … \(19 more\)"):
     dit_weights.dit_params(checkpoint, wider)
   extra = dit_weights.DiTCheckpoint(tensors | {"blocks.0.attn.rel_pos": np.zeros(3)}, "ema", {})
   with pytest.raises(ValueError, match=r"1 unexpected: blocks\.0\.attn\.rel_pos"):

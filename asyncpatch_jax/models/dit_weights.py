@@ -92,7 +92,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> DiTCheckpoint:
         return DiTCheckpoint(dict(obj[source]), source,
                              dict(args) if isinstance(args, Mapping) else {}, path)
   what = f"a dict with entries {sorted(map(str, obj))}" if isinstance(obj, Mapping) else (
-      f"a {type(obj).__name__}")
+      f"an object of type {type(obj).__name__}")
   raise ValueError(f"{path} holds {what}; a DiT checkpoint is a state dict of tensors or "
                    f"DiT train.py's dict with an 'ema' or 'model' state dict")
 

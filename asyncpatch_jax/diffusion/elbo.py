@@ -1,4 +1,4 @@
-"""The negative ELBO along a monotone path of per-token levels (METHOD.md, "ELBO").
+"""The negative ELBO along a monotone path of per-token levels (docs/method.md).
 
 For a path τ: [0, 1] → [0, 1]^N (every coordinate non-decreasing, τ(0) = 0, τ(1) = 1):
 
@@ -38,9 +38,12 @@ unbiased for every example: E Î = Σ_j ∫_{stratum j} F = I. Each token carrie
 so along an ordered path with M = kN strata each token's segment gets k strata of its own with
 independent offsets; with M < N a stratum covers N/M tokens and picks one of them with the
 probability of its proposal mass, which the weight 1/p undoes (token subsampling, unbiased).
-Nothing here depends on the denoiser: two denoisers evaluated with the same `rng` see the same
-x0, s and noise (common random numbers), so per-example differences of their bounds have a far
-smaller variance than the bounds (`paired_difference`).
+The noise ε_j of stratum j is exactly N(0, I) but Latin-hypercube across strata
+(`stratified_noise`): at high SNR the squared error is ≈ e^{−λ} ‖ε‖², whose χ² spread is most of
+the remaining variance on the homogeneous path. Nothing here depends on the denoiser: two
+denoisers evaluated with the same `rng` see the same x0, s and noise (common random numbers), so
+per-example differences of their bounds have a far smaller variance than the bounds
+(`paired_difference`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Monotone corruption paths τ: [0, 1] → [0, 1]^N for the ELBO (METHOD.md, "ELBO").
+"""Monotone corruption paths τ: [0, 1] → [0, 1]^N for the ELBO (docs/method.md).
 
 A path is a callable `s -> level map` whose value broadcasts to the token grid `[*grid]` (one
 path for every example) or `[B, *grid]` (a path per example). Every coordinate is

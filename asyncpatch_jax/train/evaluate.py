@@ -2,7 +2,7 @@
 
 The objective is evaluated with the training level sampler but a fixed key per batch, so numbers
 from different steps are comparable. Bits/dim is the negative ELBO (discretised 8-bit decoder,
-`eval.elbo_steps` strata) along each path of `eval.paths` (METHOD.md, "ELBO"): 'homogeneous' (VDM's
+`eval.elbo_steps` strata) along each path of `eval.paths` (docs/method.md): 'homogeneous' (VDM's
 continuous-time bound), 'raster' (the autoregressive order) and 'random' (a random token order per
 example), each with its standard error over the examples (`*_se`). `evaluate(config, workdir)` is
 `--mode=eval`: the latest checkpoint's EMA over the whole eval split, plus FID / KID of

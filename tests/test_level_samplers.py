@@ -179,3 +179,42 @@ def test_default_mixture_has_every_sampling_component():
   names = sorted(type(c).__name__ for _, c in mixture.components)
   assert names == ["Controlled", "Masked", "SmoothField", "Staircase"]
   assert ls.from_config(ls.legacy_config()).components[2][1].max_overlap == 0.5
+
+
+def test_map_features_on_known_maps():
+  from asyncpatch_jax.diffusion.level_stats import map_features
+
+  t = np.zeros((2, 2, 4))
+  t[0] = 0.5
+  t[1, :, 2:] = 1.0  # left half clean, right half untouched: a sharp edge
+  f = map_features(t)
+  np.testing.assert_allclose(f[0], [0.5, 0.0, 1.0, 0.0, 0.0])
+  # Row gaps: one of 3 per row is 1; column gaps: 0. Mean over the 6 + 4 gaps = 0.2.
+  np.testing.assert_allclose(f[1], [0.5, 0.5, 0.0, 0.2, 0.5])
+
+
+def _coverage(strategies, grid=(4, 4)):
+  from asyncpatch_jax.diffusion import level_stats
+
+  presets = level_stats.strategy_presets(num_steps=8)
+  samplers = {"default": ls.default_config().to_dict(), "legacy": ls.legacy_config().to_dict()}
+  return level_stats.coverage_table(samplers, grid, KEY, num_maps=4096,
+                                    strategies={k: presets[k] for k in strategies})
+
+
+def test_default_training_covers_grouped_autoregressive_maps():
+  """A strategy whose maps default training never produces is a bug: AR with row groups at
+  ρ = 0.75 (several rows in transition at small level gaps) is typical of the default mixture
+  and not of the legacy one, whose staircases were per token with ρ ≤ 0.5."""
+  table = _coverage(["AR rows ρ=0.75"])
+  assert table["default"]["AR rows ρ=0.75"]["share_typical"] >= 0.95, table["default"]
+  assert table["legacy"]["AR rows ρ=0.75"]["share_typical"] < 0.8, table["legacy"]
+
+
+@pytest.mark.slow
+def test_default_training_covers_every_sampling_strategy():
+  from asyncpatch_jax.diffusion import level_stats
+
+  table = _coverage(list(level_stats.strategy_presets()), grid=(8, 8))
+  low = {k: v["share_typical"] for k, v in table["default"].items() if v["share_typical"] < 0.95}
+  assert not low, f"strategies whose maps default training rarely produces: {low}"

@@ -187,6 +187,14 @@ def random_known_mask(rng: Array, shape: Sequence[int], kinds: Sequence[str],
   return out
 
 
+def context_levels(rng: Array, batch: int, p_noisy: float, grid_rank: int) -> Array:
+  """Per example the context's level `[B, 1, …]`: 0, or with probability `p_noisy` k ~ U(0, 1)."""
+  k_noisy, k_level = jax.random.split(rng)
+  noisy = jax.random.bernoulli(k_noisy, p_noisy, (batch,))
+  level = jnp.where(noisy, jax.random.uniform(k_level, (batch,)), 0.0)
+  return level.reshape((-1,) + (1,) * grid_rank)
+
+
 @dataclasses.dataclass(frozen=True)
 class Masked(MeanLevel):
   """Inpainting-shaped maps: the unknown tokens all at t̄, the known ones (the context) clean.
@@ -212,12 +220,11 @@ class Masked(MeanLevel):
 
   def __call__(self, rng: Array, shape: Sequence[int]) -> Array:
     shape = _check_shape(shape)
-    k_mean, k_mask, k_noisy, k_level = jax.random.split(rng, 4)
+    k_mean, k_mask, k_level = jax.random.split(rng, 3)
     ones = (1,) * (len(shape) - 1)
     tbar = self.sample_mean(k_mean, shape[0]).reshape((-1, *ones))
     known = random_known_mask(k_mask, shape, self.kinds, self.known_fraction)
-    noisy = jax.random.bernoulli(k_noisy, self.p_noisy_context, (shape[0],))
-    context = jnp.where(noisy, jax.random.uniform(k_level, (shape[0],)), 0.0).reshape((-1, *ones))
+    context = context_levels(k_level, shape[0], self.p_noisy_context, len(shape) - 1)
     return jnp.where(known, context, jnp.broadcast_to(tbar, shape))
 
 
@@ -294,14 +301,16 @@ class Staircase:
   t_k = clip(1 − (m − k(1 − ρ)), 0, 1) with m ~ U(0, (K − 1)(1 − ρ) + 1) (in units of the
   steps per group S), so earlier groups are cleaner; ρ = 0 is strictly one group after another,
   ρ → 1 approaches homogeneous maps. With probability `p_context` a random known mask (any of
-  `Masked`'s kinds) additionally holds some tokens clean, as autoregressive inpainting and
-  outpainting windows have it.
+  `Masked`'s kinds) additionally holds some tokens as context, as autoregressive inpainting and
+  outpainting windows have it: clean, or (with probability `p_noisy_context`) re-noised to
+  k ~ U(0, 1) as input guidance's second branch has it.
   """
 
   order: str | tuple[str, ...] = "raster"
   max_overlap: float = 0.5
   groups: str | tuple[str, ...] = ("token",)
   p_context: float = 0.0
+  p_noisy_context: float = 0.0
 
   def __post_init__(self):
     orders = _as_tuple(self.order, str)
@@ -317,8 +326,9 @@ class Staircase:
     object.__setattr__(self, "groups", groups)
     if not 0.0 <= self.max_overlap < 1.0:
       raise ValueError(f"max_overlap must lie in [0, 1), got {self.max_overlap}")
-    if not 0.0 <= self.p_context <= 1.0:
-      raise ValueError(f"p_context must lie in [0, 1], got {self.p_context}")
+    for name in ("p_context", "p_noisy_context"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
   @property
   def orders(self) -> tuple[str, ...]:
@@ -336,7 +346,7 @@ class Staircase:
   def __call__(self, rng: Array, shape: Sequence[int]) -> Array:
     shape = _check_shape(shape)
     batch, grid = shape[0], shape[1:]
-    k_rho, k_m, k_perm, k_pick, k_ctx, k_mask = jax.random.split(rng, 6)
+    k_rho, k_m, k_perm, k_pick, k_ctx, k_mask, k_level = jax.random.split(rng, 7)
     rho = jax.random.uniform(k_rho, (batch, 1), maxval=self.max_overlap)
     u = jax.random.uniform(k_m, (batch, 1))
     candidates = self._slot_candidates(grid)
@@ -358,7 +368,7 @@ class Staircase:
       known = random_known_mask(k_mask, shape, MASK_KINDS, (0.2, 0.8))
       with_context = jax.random.bernoulli(k_ctx, self.p_context, (batch,))
       known = known & with_context.reshape((-1,) + (1,) * len(grid))
-      t = jnp.where(known, 0.0, t)
+      t = jnp.where(known, context_levels(k_level, batch, self.p_noisy_context, len(grid)), t)
     return t
 
 
@@ -472,8 +482,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   Mask maps (inpainting; half of them with the context re-noised as input guidance does),
   grouped staircases (every autoregressive layout and order, overlap up to 0.9, a quarter with
-  known context) and smooth fields (uncertainty-guided plans). `docs/level_statistics.md`
-  shows that these cover the maps along every sampling strategy's trajectories.
+  known context, clean or re-noised) and smooth fields (uncertainty-guided plans).
+  `docs/level_statistics.md` shows that these cover the maps of every sampling strategy.
   """
   return ml_collections.ConfigDict({
       "name": "mixture",
@@ -484,7 +494,7 @@ def default_config() -> ml_collections.ConfigDict:
                    "known_fraction": (0.2, 0.8), "p_noisy_context": 0.5},
           "staircase": {"name": "staircase", "weight": 0.2, "order": "raster,spiral,random",
                         "groups": "token,row,block2,block4", "max_overlap": 0.9,
-                        "p_context": 0.25},
+                        "p_context": 0.25, "p_noisy_context": 0.5},
           "smooth": {"name": "smooth", "weight": 0.1, "max_amplitude": 0.6},
       },
   })

@@ -374,3 +374,22 @@ def test_make_sample_fn_traces_the_guidance_weights(workdir):
   assert not np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[1], outs[2])
   for out in outs:
     np.testing.assert_array_equal(out[:, :, :4], known[:, :, :4])
+
+
+@pytest.mark.parametrize("strategy, options, bad", [
+    ("adaptive", "", True),
+    ("autoregressive", "order=certainty,steps_per_group=2", True),
+    ("uniform", "x0_draw=every", True),
+    ("uniform", "x0_draw=mean", False),
+    ("autoregressive", "order=spiral,group_shape=row", False),
+])
+def test_strategies_needing_the_uncertainty_head_are_refused_at_start_up(strategy, options, bad):
+  from asyncpatch_jax.train import validation
+
+  config = _config(strategy=strategy, strategy_options=options)
+  config.model.uncertainty = False
+  if bad:
+    with pytest.raises(validation.ConfigError, match=r"model\.uncertainty=False"):
+      validation.validate_config(config)
+    config.model.uncertainty = True
+  validation.validate_config(config)

@@ -151,6 +151,14 @@ def _guidance_on(input_guidance: float | Array) -> bool:
   return True
 
 
+def needs_uncertainty(strategy: str | plans_lib.Plan, options: dict[str, Any]) -> bool:
+  """Whether `sample(strategy=..., **options)` reads the uncertainty head's variance."""
+  if isinstance(strategy, plans_lib.Plan):
+    return strategy.needs_variance or options.get("x0_draw", "mean") != "mean"
+  return (strategy == "adaptive" or options.get("order") == "certainty"
+          or options.get("x0_draw", "mean") != "mean")
+
+
 def check_x0_draw(x0_draw: str, update: str) -> None:
   if x0_draw not in X0_DRAWS:
     raise ValueError(f"unknown x0_draw {x0_draw!r}; choose one of {X0_DRAWS}")

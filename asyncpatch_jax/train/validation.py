@@ -24,6 +24,7 @@ from asyncpatch_jax.models import dit as model_dit
 from asyncpatch_jax.models import embeddings as model_embeddings
 from asyncpatch_jax.models import precision as model_precision
 from asyncpatch_jax.models import registry as model_registry
+from asyncpatch_jax.sampling import cli as sampling_cli
 from asyncpatch_jax.sampling import masks
 from asyncpatch_jax.sampling import sampler as sampler_lib
 from asyncpatch_jax.train import file_paths
@@ -127,6 +128,16 @@ def validate_config(config: Any) -> None:
            f"{sampling.inpaint_mask!r}")
   _require(float(sampling.cfg_scale) == 0.0 or num_classes > 0,
            "sampling.cfg_scale needs a class-conditional model (model.num_classes > 0)")
+  try:
+    options = sampling_cli.parse_options(sampling.strategy_options)
+  except ValueError as e:
+    raise ConfigError(f"sampling.strategy_options: {e}") from e
+  _require(bool(config.model.uncertainty)
+           or not sampler_lib.needs_uncertainty(sampling.strategy, options),
+           f"sampling.strategy={sampling.strategy!r} with options {options} reads the uncertainty "
+           "head's variance, but model.uncertainty=False: set model.uncertainty=True (and "
+           "train with it) or pick a strategy without it ('uniform', 'autoregressive' with "
+           "order raster / spiral, x0_draw=mean)")
 
   _require(not config.eval.get("compare_workdir") or int(config.eval.elbo_steps) > 0,
            "eval.compare_workdir compares bits/dim: set eval.elbo_steps > 0 (e.g. 16)")

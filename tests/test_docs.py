@@ -145,6 +145,20 @@ def test_markdown_links_resolve_inside_the_repository():
   assert not problems, "\n".join(problems)
 
 
+def test_markdown_has_no_control_characters():
+  """A control character in Markdown is almost always a LaTeX command whose backslash a script
+  read as an escape (\\frac → form feed, \\bar → backspace, \\alpha → bell): garbage on the page.
+  Lines are split on newlines only (`str.splitlines` would swallow form feeds)."""
+  problems = []
+  for md in markdown_files():
+    for number, line in enumerate(md.read_text(encoding="utf-8").split("\n"), 1):
+      bad = sorted({f"U+{ord(c):04X}" for c in line if ord(c) < 32 and c not in "\t\r"})
+      if bad:
+        problems.append(f"{md.relative_to(ROOT)}:{number}: {', '.join(bad)} in {line[:80]!r}")
+  assert not problems, ("control characters in Markdown (write LaTeX with a raw string or a "
+                        "doubled backslash):\n" + "\n".join(problems))
+
+
 def test_link_checker_catches_bad_links():
   """The checker itself: an outside link, a missing file and a missing anchor are all caught."""
   md = ROOT / "docs" / "example.md"

@@ -259,9 +259,6 @@ def train(name: str, args: argparse.Namespace) -> Any:
                         seconds)
 
 
-MNIST_BUDGETS = (25, 12, 8, 5, 50)  # the most informative first: rows are written as they finish
-
-
 def ar_kwargs(budget: int, grid: tuple[int, ...]) -> dict[str, Any]:
   """The autoregressive plan at a total budget: rows (8 groups on 8×8 tokens; 2×2 blocks of
   a quarter of the grid below 8 steps), each group getting ⌊N/2⌋ steps, the overlap fitted."""
@@ -285,21 +282,26 @@ def bootstrap_fid(features: np.ndarray, reference: Any, reps: int, seed: int) ->
 
 
 def mnist_rows(grid: tuple[int, ...]) -> list[tuple[str, str, dict[str, Any]]]:
-  """(network, row name, `sample` keywords) in the order they are measured."""
-  rows = []
-  for n in MNIST_BUDGETS:
-    rows += [("mixture", f"uniform N={n}", dict(strategy="uniform", num_steps=n)),
-             ("mixture", f"uncertainty N={n}", dict(strategy="adaptive", rule="budget",
-                                                    num_steps=n, x0_draw="every")),
-             ("mixture", f"autoregressive N={n}", ar_kwargs(n, grid))]
-    if n in (25, 8):
-      rows += [("legacy", f"uniform N={n}", dict(strategy="uniform", num_steps=n)),
-               ("mixture", f"uniform + x0 draws N={n}",
-                dict(strategy="uniform", num_steps=n, x0_draw="every")),
-               ("mixture", f"budget plan, x̂0 N={n}",
-                dict(strategy="adaptive", rule="budget", num_steps=n)),
-               ("legacy", f"autoregressive N={n}", ar_kwargs(n, grid))]
-  return rows
+  """(network, row name, `sample` keywords), the most informative first (rows are written as
+  they finish): the three plans at N = 8 and 25, the legacy network's uniform FID, N = 12 and
+  5, the ablations at N = 8 (which half of the uncertainty plan helps), then N = 50."""
+
+  def three(n):
+    return [("mixture", f"uniform N={n}", dict(strategy="uniform", num_steps=n)),
+            ("mixture", f"uncertainty N={n}", dict(strategy="adaptive", rule="budget",
+                                                   num_steps=n, x0_draw="every")),
+            ("mixture", f"autoregressive N={n}", ar_kwargs(n, grid))]
+
+  return [*three(8), *three(25),
+          ("legacy", "uniform N=25", dict(strategy="uniform", num_steps=25)),
+          ("legacy", "uniform N=8", dict(strategy="uniform", num_steps=8)),
+          *three(12), *three(5),
+          ("mixture", "uniform + x0 draws N=8", dict(strategy="uniform", num_steps=8,
+                                                     x0_draw="every")),
+          ("mixture", "budget plan, x̂0 N=8", dict(strategy="adaptive", rule="budget",
+                                                  num_steps=8)),
+          ("legacy", "autoregressive N=8", ar_kwargs(8, grid)),
+          *three(50)]
 
 
 def run_mnist(args: argparse.Namespace) -> None:
@@ -308,7 +310,8 @@ def run_mnist(args: argparse.Namespace) -> None:
 
   path = os.path.join(RESULTS, "acceleration_mnist.json")
   networks = {name: train(name, args) for name in NETWORKS}
-  extractor = fid_lib.FeatureExtractor(batch_size=args.batch)
+  extractor = (fid_lib.FeatureExtractor(batch_size=args.batch) if args.features == "inception"
+               else claims.AlexNetFeatures())
   bench = claims.DatasetBench("mnist", networks, claims_args(args), extractor, lpips=None)
   command = "python benchmarks/acceleration.py " + " ".join(sys.argv[1:])
   results: dict[str, Any] = {
@@ -316,7 +319,10 @@ def run_mnist(args: argparse.Namespace) -> None:
       "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
       "settings": {"image_size": args.image_size, "token_grid": list(bench.grid),
                    "batch_size": args.batch_size, "num_fid": args.num_fid,
-                   "num_ref": args.num_ref, "features": "Inception pool3",
+                   "num_ref": args.num_ref,
+                   "features": ("Inception pool3" if args.features == "inception" else
+                                "LPIPS AlexNet conv5, mean-pooled, 64 px (a cheap stand-in: "
+                                "compare within this table only)"),
                    "cfg_scale": bench.cfg_scale},
       "networks": {n: {"updates": net.steps, "level_sampler": net.config.diffusion.level_sampler
                        .to_dict()} for n, net in networks.items()},
@@ -333,15 +339,59 @@ def run_mnist(args: argparse.Namespace) -> None:
     log(f"{network}: {name}: FID {row['fid']:.1f} [{row['fid_lo']:.1f}, {row['fid_hi']:.1f}] "
         f"at NFE {nfe:.0f}")
     write_json(path, results)
+    plot_mnist(results, os.path.join(args.figures, "acceleration_mnist.png"))
   results["status"] = "finished " + datetime.datetime.now(datetime.UTC).strftime("%H:%M UTC")
   write_json(path, results)
+
+
+def plot_mnist(results: dict[str, Any], path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  series: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+  for name, row in results["rows"].items():
+    label = name.rsplit(" N=", 1)[0]
+    series.setdefault(label, []).append((row["nfe"], row))
+  for label, points in series.items():
+    if len(points) < 2:
+      continue
+    points.sort(key=lambda p: p[0])
+    nfe = [p[0] for p in points]
+    fid = [p[1]["fid"] for p in points]
+    err = [[p[1]["fid"] - min(p[1]["fid"], p[1]["fid_lo"]) for p in points],
+           [p[1]["fid_hi"] - p[1]["fid"] for p in points]]
+    ax.errorbar(nfe, fid, yerr=err, marker="o", capsize=3, label=label)
+  for name, row in results["rows"].items():
+    if len(series[name.rsplit(" N=", 1)[0]]) < 2:
+      ax.errorbar([row["nfe"]], [row["fid"]], yerr=[[0], [row["fid_hi"] - row["fid"]]],
+                  marker="s", linestyle="none", capsize=3, label=name)
+  ax.set(xscale="log", xlabel="NFE", ylabel="FID (AlexNet features, see README)",
+         title="MNIST 16×16, 1200 updates: FID against NFE")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def redraw(args: argparse.Namespace) -> None:
+  """Redraws both plots from the results files that exist."""
+  for part, plot in (("gaussian", plot_gaussian), ("mnist", plot_mnist)):
+    path = os.path.join(RESULTS, f"acceleration_{part}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        plot(json.load(f), os.path.join(args.figures, f"acceleration_{part}.png"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--part", choices=("gaussian", "mnist", "train"), required=True,
-                 help="'train' only trains the MNIST networks (for a background run)")
+  p.add_argument("--part", choices=("gaussian", "mnist", "train", "plots"), required=True,
+                 help="'train' only trains the MNIST networks (for a background run); 'plots' "
+                      "redraws the plots from the results files")
   p.add_argument("--quick", action="store_true", help="toy sizes (a smoke test)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--workdir", default="/tmp/asyncpatch_acceleration")
@@ -352,7 +402,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--train_minutes", type=float, default=18.0)
   p.add_argument("--num_ref", type=int, default=500)
   p.add_argument("--num_fid", type=int, default=500)
-  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--features", choices=("inception", "alexnet"), default="alexnet",
+                 help="FID features: Inception is too slow for the shared 2-core CPU")
   p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per FID")
   p.add_argument("--seeds", type=int, default=3, help="Gaussian part: seeds per plan")
   p.add_argument("--num_samples", type=int, default=4000, help="Gaussian part: per seed")
@@ -367,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
       train(name, args)
   elif args.part == "mnist":
     run_mnist(args)
+  elif args.part == "plots":
+    redraw(args)
   else:
     run_gaussian(args)
 

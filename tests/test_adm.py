@@ -128,3 +128,58 @@ def test_every_config_states_its_fid_protocol_in_the_readme(name, arg):
     assert e.fid_samples == 50_000
   assert importlib.import_module(f"configs.{name}").get_config(
       ",".join(filter(None, [arg, "debug"]))).eval.fid_samples == 0
+
+
+def test_mode_eval_follows_the_protocol_exports_and_logs(tmp_path, monkeypatch):
+  """--mode=eval with an ADM reference batch: FID against its mu / sigma, the protocol in the
+  JSON, the samples as ADM's sample batch, and the scalars in TensorBoard."""
+  import json
+  import pathlib
+  import sys
+
+  import jax.numpy as jnp
+  from flax import nnx
+
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from asyncpatch_jax import evaluation
+  from asyncpatch_jax.train import evaluate, trainer
+  from configs import digits
+
+  class TinyFeatures(nnx.Module):  # a stand-in for Inception: 64 features
+    def __init__(self):
+      self.dense = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      pooled = jnp.stack([x[:, i::37, j::41].mean((1, 2)) for i in range(4) for j in range(4)], 1)
+      return jnp.tanh(self.dense(pooled)).reshape(x.shape[0], -1)
+
+  class Extractor(evaluation.FeatureExtractor):
+    def __init__(self, mesh=None, **kwargs):
+      super().__init__(model=TinyFeatures(), mesh=mesh, **kwargs)
+
+  monkeypatch.setattr(evaluation, "FeatureExtractor", Extractor)
+  config = digits.get_config("debug")
+  config.num_steps, config.sampling.num_inpaint = 2, 0
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(config, workdir)
+  reference = tmp_path / "VIRTUAL_digits8_labeled.npz"
+  np.savez(reference, mu=np.zeros(64), sigma=np.eye(64))
+  config.eval.fid_samples, config.eval.fid_batch_size = 6, 4
+  config.eval.fid_reference, config.eval.fid_export = str(reference), True
+  results = evaluate.evaluate(config, workdir)
+  assert np.isfinite(results["eval/fid"]) and "eval/kid" not in results  # mu / sigma: FID only
+  saved = json.loads((workdir / "eval_step_2.json").read_text())
+  assert saved["protocol"] == {
+      "samples": 6, "reference": "VIRTUAL_digits8_labeled.npz (ADM reference batch)",
+      "sampler": "uniform", "steps": 2, "stochastic": True, "cfg_scale": 0.0,
+      "ema": saved["settings"]["ema"], "features": evaluation.fid.PROTOCOL}
+  with np.load(workdir / "fid_samples_step_2.npz") as exported:
+    assert exported["arr_0"].shape == (6, 8, 8, 3) and exported["arr_0"].dtype == np.uint8
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+  events.Reload()
+  tags = set(events.Tags()["tensors"]) | set(events.Tags()["scalars"])
+  assert {"eval/fid", "eval/loss"} <= tags, tags
+  config.eval.fid_reference = str(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+  with pytest.raises(FileNotFoundError, match="download"):  # before any work
+    evaluate.evaluate(config, workdir)

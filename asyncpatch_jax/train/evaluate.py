@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from asyncpatch_jax import data as data_lib
 from asyncpatch_jax import diffusion, models
+from asyncpatch_jax import progress as progress_lib
 from asyncpatch_jax.data import pipeline
 from asyncpatch_jax.data import preprocess as preprocess_lib
 from asyncpatch_jax.diffusion import elbo, paths
@@ -185,8 +186,12 @@ def _reference_batches(config: Any, split: str, batch: int) -> Callable[[], Iter
       source = data_lib.get_source(config.data, split)
       preprocess = pipeline.make_preprocess(config.data, train=False, source=source)
       load = lambda i: preprocess(source[i])["image"]
+    progress = progress_lib.Progress(f"FID reference statistics ({split})", len(source),
+                                     unit="images")
     for start in range(0, len(source), batch):
-      yield np.stack([load(i) for i in range(start, min(start + batch, len(source)))])
+      images = np.stack([load(i) for i in range(start, min(start + batch, len(source)))])
+      yield images
+      progress.update(len(images))
   return batches
 
 
@@ -202,11 +207,27 @@ def reference_name(config: Any) -> str:
   return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
+def fid_protocol(config: Any) -> dict[str, Any]:
+  """The FID protocol `--mode=eval` follows (README, "FID protocols"), for its JSON."""
+  from asyncpatch_jax.evaluation import fid
+
+  reference, sampling = config.eval.fid_reference, config.sampling
+  return {"samples": int(config.eval.fid_samples),
+          "reference": (f"{os.path.basename(reference)} (ADM reference batch)" if reference
+                        else f"statistics of split {config.eval.fid_split!r}"),
+          "sampler": sampling.strategy, "steps": int(sampling.num_steps),
+          "stochastic": bool(sampling.stochastic), "cfg_scale": float(sampling.cfg_scale),
+          "ema": ema_params_name(config), "features": fid.PROTOCOL}
+
+
 def sample_quality(config: Any, setup: state_lib.StateSetup, state: state_lib.TrainState,
-                   workdir: epath.Path) -> dict[str, float]:
+                   workdir: epath.Path, *, export: epath.Path | None = None) -> dict[str, float]:
   """FID and KID of `eval.fid_samples` samples (config.sampling's strategy) against the
-  `eval.fid_split` statistics, cached in `eval.fid_cache_dir` (default `<workdir>/fid_cache`)."""
+  `eval.fid_split` statistics, cached in `eval.fid_cache_dir` (default `<workdir>/fid_cache`),
+  or FID against the `mu` / `sigma` of the ADM reference batch `eval.fid_reference`. With
+  `export`, the samples are also written there as ADM's sample batch (`evaluation/adm.py`)."""
   from asyncpatch_jax import evaluation  # the Inception weights are only needed here
+  from asyncpatch_jax.evaluation import adm
   from asyncpatch_jax.train import samples as samples_lib  # avoids an import cycle
 
   num = int(config.eval.fid_samples)
@@ -218,20 +239,39 @@ def sample_quality(config: Any, setup: state_lib.StateSetup, state: state_lib.Tr
   extractor = evaluation.FeatureExtractor(mesh=setup.mesh)
   batch = int(config.eval.fid_batch_size)
   cache_dir = config.eval.fid_cache_dir or os.fspath(workdir / "fid_cache")
-  reference = evaluation.reference_statistics(
-      reference_name(config),
-      lambda: map(_rgb, _reference_batches(config, config.eval.fid_split, batch)()),
-      extractor, cache_dir)
+  if config.eval.fid_reference:
+    reference = adm.read_reference(config.eval.fid_reference)
+  else:
+    reference = evaluation.reference_statistics(
+        reference_name(config),
+        lambda: map(_rgb, _reference_batches(config, config.eval.fid_split, batch)()),
+        extractor, cache_dir)
+  writer = None
+  if export is not None and jax.process_index() == 0:
+    size = int(config.data.image_size)
+    writer = adm.SampleBatchWriter(export, num, (size, size))
+  progress = progress_lib.Progress("FID samples", num, unit="images")
   sample_fn = samples_lib.make_sample_fn(config, setup, batch, inpaint=False)
   params = state.ema[ema_params_name(config)]
   root = jax.random.fold_in(jax.random.key(int(config.seed)), 0xF1D)
   features = []
-  for i in range(math.ceil(num / batch)):
-    images = sample_fn(params, state.model_state, jax.random.fold_in(root, i))
-    if decode is not None:
-      images = decode(images)
-    features.append(extractor(_rgb(images)))
-    logging.info("FID samples: %d / %d", min((i + 1) * batch, num), num)
+  try:
+    for i in range(math.ceil(num / batch)):
+      images = sample_fn(params, state.model_state, jax.random.fold_in(root, i))
+      if decode is not None:
+        images = decode(images)
+      features.append(extractor(_rgb(images)))
+      kept = min(batch, num - i * batch)
+      if writer is not None:
+        writer.add(np.asarray(images)[:kept])
+      progress.update(kept)
+  except BaseException:
+    if writer is not None:
+      writer.abort()
+    raise
+  if writer is not None:
+    writer.close()
+    logging.info("Wrote the samples as an ADM sample batch: %s", export)
   features = np.concatenate(features)[:num]
   scores = evaluation.fid_kid(features, reference,
                               kid_subset_size=min(1000, num, reference.stats.count))
@@ -252,6 +292,11 @@ def evaluate(config: Any, workdir: str | epath.Path) -> dict[str, float]:
   writes `<workdir>/eval_step_<step>.json`."""
   from asyncpatch_jax.train import trainer  # the shared preparation; avoids an import cycle
 
+  with_fid = int(config.eval.fid_samples) > 0
+  if with_fid and config.eval.fid_reference:  # a missing reference batch fails before any work
+    from asyncpatch_jax.evaluation import adm
+
+    adm.read_reference(config.eval.fid_reference)
   compare_dir = str(config.eval.compare_workdir)
   workdir, batch_sharding, setup, state, step = trainer.restore_latest(config, workdir)
   compare_state = compare_step = None
@@ -262,8 +307,10 @@ def evaluate(config: Any, workdir: str | epath.Path) -> dict[str, float]:
   evaluator = Evaluator(config, setup, batch_sharding, num_batches=0,
                         compare=compare_state is not None)
   results: dict[str, Any] = evaluator(state, compare_state)
-  if int(config.eval.fid_samples) > 0:
-    results.update(sample_quality(config, setup, state, workdir))
+  if with_fid:
+    export = workdir / f"fid_samples_step_{step}.npz" if config.eval.fid_export else None
+    results.update(sample_quality(config, setup, state, workdir, export=export))
+    results["protocol"] = fid_protocol(config)
   results["step"] = step
   results["settings"] = {"ema": ema_params_name(config), "elbo_steps": int(config.eval.elbo_steps),
                          "paths": list(path_names(config.eval)), "split": config.data.eval_split,
@@ -276,4 +323,11 @@ def evaluate(config: Any, workdir: str | epath.Path) -> dict[str, float]:
   logging.info("Evaluation at step %d: %s", step, results)
   if jax.process_index() == 0:
     _write_json_atomic(workdir / f"eval_step_{step}.json", results)
+  # The scalars also go to TensorBoard, in the run's event files at the checkpoint's step.
+  from clu import metric_writers
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer.write_scalars(step, {k: v for k, v in results.items()
+                              if k.startswith("eval/") and isinstance(v, int | float)})
+  writer.close()
   return results

@@ -63,6 +63,7 @@ def get_config(arg=None):
   if model_name == "dit":
     model.dit_size = "L"
     model.dit_patch = 2
+    model.adaln = "single"                    # per-token levels at +5% FLOPs (README)
     model.dropout = 0.0
   elif "pixel" in words:
     model.channels = 128

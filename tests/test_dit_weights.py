@@ -273,6 +273,7 @@ def _init_from_config(path):
   config.data.source = "synthetic"
   config.init_from = str(path)
   config.model.level_embedding = "dit"
+  config.model.adaln = "block"  # DiT's weights need DiT's adaLN (the config's is adaLN-single)
   return config
 
 

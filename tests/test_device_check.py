@@ -1,22 +1,15 @@
 """benchmarks/device_check.py: its figures from hand-made results, and (slow) every part at toy
 size on the CPU, as `benchmarks/device_check.sh --tiny` runs it."""
 
-import importlib.util
 import json
 import os
 import subprocess
 
 import pytest
 
+from benchmarks import device_check as dc
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load():
-  spec = importlib.util.spec_from_file_location(
-      "device_check", os.path.join(ROOT, "benchmarks", "device_check.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _train(batch, wall_s, compile_s=10.0):
@@ -25,7 +18,6 @@ def _train(batch, wall_s, compile_s=10.0):
 
 
 def test_summary_and_table_from_hand_made_results():
-  dc = _load()
   entry = {
       "backend": "gpu", "device_kind": "NVIDIA H100 80GB HBM3", "peak_tflops": 989.0,
       "train": {"DiT-B/2": _train(256, 0.5), "DiT-XL/2": _train(64, 0.4, compile_s=90.0)},

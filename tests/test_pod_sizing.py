@@ -1,27 +1,12 @@
 """benchmarks/pod_sizing.py: the arithmetic of memory per chip and step time, and its activation
 model (autodiff residuals per example) against XLA's memory analysis of compiled programs."""
 
-import importlib.util
-import os
-
 import jax
 import pytest
 
 from asyncpatch_jax.models import precision
+from benchmarks import pod_sizing as ps
 from configs import base
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load():
-  spec = importlib.util.spec_from_file_location(
-      "pod_sizing", os.path.join(ROOT, "benchmarks", "pod_sizing.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-ps = _load()
 
 
 def test_memory_per_chip_and_step_time_arithmetic():

@@ -10,6 +10,7 @@ the next (`updates.py`). `sample` is the entry point; `outpaint` slides it over 
 from asyncpatch_jax.sampling import analytic, cli, masks
 from asyncpatch_jax.sampling.adaptive import (
     ADAPTIVE_RULES,
+    BudgetPlan,
     QuantilePlan,
     StepSizePlan,
     certainty_ratio,
@@ -36,6 +37,7 @@ __all__ = [
     "STRATEGIES",
     "UPDATES",
     "AutoregressivePlan",
+    "BudgetPlan",
     "Plan",
     "QuantilePlan",
     "SamplerState",

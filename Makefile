@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # The FID cross-check against the TorchScript network needs torch (a CPU wheel on CI machines).
 WITH_TORCH ?= $(CI)
 
-.PHONY: setup test test-slow lint demo level-stats clean
+.PHONY: setup test test-slow lint demo level-stats dist clean
 
 $(STAMP): setup.py requirements.txt requirements-test.txt requirements-weights.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,5 +41,11 @@ demo: $(STAMP)
 level-stats: $(STAMP)
 	$(BIN)/python -m asyncpatch_jax.diffusion.level_stats --out=docs/level_stats
 
+# A source archive and a wheel in dist/, for the Colab notebooks' install cell (upload the zip).
+dist: $(STAMP)
+	rm -rf dist && mkdir -p dist
+	git archive --format=zip --prefix=asyncpatch_jax/ -o dist/asyncpatch_jax-src.zip HEAD
+	$(BIN)/python -m pip wheel -q --no-deps -w dist .
+
 clean:
-	rm -rf $(VENV) workdirs .pytest_cache .ruff_cache
+	rm -rf $(VENV) workdirs dist .pytest_cache .ruff_cache

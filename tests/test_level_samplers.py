@@ -19,7 +19,7 @@ def _maps(sampler, shape=(4096, 8, 8)):
 def test_iid_uniform():
   t = _maps(ls.IID())
   assert abs(t.mean() - 0.5) < 0.01 and abs(t.std() - 12 ** -0.5) < 0.01
-  # The mean of 64 iid uniforms has std 1/sqrt(12·64) ≈ 0.036 (METHOD.md).
+  # The mean of 64 iid uniforms has std 1/sqrt(12·64) ≈ 0.036 (docs/method.md).
   assert abs(t.mean(1).std() - (12 * 64) ** -0.5) < 0.003
 
 

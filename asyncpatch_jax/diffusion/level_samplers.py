@@ -292,7 +292,7 @@ STAIRCASE_ORDERS = ("raster", "spiral", "random")
 
 @dataclasses.dataclass(frozen=True)
 class Staircase:
-  """The autoregressive plan at a random moment (METHOD.md, autoregressive sampling).
+  """The autoregressive plan at a random moment (docs/method.md, "Autoregressive generation").
 
   Token groups (one layout of `groups` per example: single tokens, rows, columns or b×b
   blocks, as the sampler's `group_shape` offers) in one of `order`'s orders (raster, spiral

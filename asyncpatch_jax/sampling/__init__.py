@@ -1,5 +1,5 @@
 """Sampling: one compiled loop from a denoiser to uniform, inpainting, input-guided,
-uncertainty-accelerated, autoregressive and RePaint generation (METHOD.md, Sampling).
+uncertainty-accelerated, autoregressive and RePaint generation (docs/method.md, "Sampling").
 
 The sampler takes any `denoiser(z, t) -> x0_hat | Prediction`; a plan gives every token its
 level at every step (`plans.py`, `adaptive.py`), an update rule moves each token from its level to

@@ -10,7 +10,7 @@ static (uniform, raster / spiral autoregressive) or decided on the fly (most-cer
 the uncertainty-guided rules in `adaptive.py`). Plans are frozen dataclasses; their state is a
 pytree carried in the sampling loop.
 
-Autoregressive plans follow METHOD.md: token group k with slot π(k) has level
+Autoregressive plans follow docs/method.md: token group k with slot π(k) has level
 t_k(m) = clip(1 − (m − o_π(k))/S, 0, 1) after m steps, with offsets o_j = ⌊j·S·(1 − ρ)⌋,
 S steps per group and overlap ρ (0: one group after another; > 0: a pyramid; 1: all at once).
 """

@@ -39,8 +39,6 @@ SETUP = code('''
     # git URL, or the URL of a source archive), else a source archive in /content
     # (asyncpatch_jax*.tar.gz or .zip), else one picked in the upload dialog. Make the archive in
     # a checkout with `git archive --format=zip -o asyncpatch_jax.zip HEAD` (or GitHub's ZIP).
-    SOURCE = ""  # @param {type:"string"}
-
     import importlib.metadata
     import importlib.util
     import os
@@ -50,6 +48,7 @@ SETUP = code('''
     import sys
     import urllib.request
 
+    SOURCE = ""  # @param {type:"string"}
     CLONE_DIR = pathlib.Path("/content/asyncpatch_jax")
     ARCHIVES = ("asyncpatch_jax*.tar.gz", "asyncpatch_jax*.zip")
     STANDS_IN = {"tensorflow-cpu": "tensorflow"}  # Colab's TensorFlow serves for tensorflow-cpu

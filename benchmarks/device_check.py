@@ -39,6 +39,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from asyncpatch_jax import data as data_lib
 from asyncpatch_jax.evaluation import inception
 from asyncpatch_jax.models import precision
 from asyncpatch_jax.train import mesh as mesh_lib
@@ -106,9 +107,11 @@ def memory_case(args, batch: int, remat: str, scan_layers: bool) -> dict:
   batch_sharding = mesh_lib.batch_sharding(mesh)
   setup = state_lib.setup_state(config, mesh,
                                 opt_lib.make_optimizer(config.optimizer, int(config.num_steps)))
-  fake = throughput.fake_batch(config)
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-                    for k, v in fake.items()}
+  pipeline = data_lib.create_train_pipeline(config.data, batch_sharding)  # 'synthetic' data
+  batch = next(pipeline)
+  pipeline.close()
+  abstract_batch = jax.tree.map(
+      lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding), batch)
   jitted = step_lib.jit_train_step(step_lib.make_train_step(config, setup), setup,
                                    batch_sharding)
   compiled, (lower_s, xla_s) = throughput.compile_timed(jitted, setup.abstract, abstract_batch,

@@ -1,15 +1,13 @@
 """Input pipelines through grain: bundled in-memory sources, TFDS ArrayRecord sets, latent caches
-and synthetic records."""
+and synthetic records.
 
-from asyncpatch_jax.data.pipeline import (
-    Pipeline,
-    ProcessRows,
-    create_eval_pipeline,
-    create_train_pipeline,
-    process_rows,
-    reference_images,
-    to_model_range,
-)
+The grain pipeline (`data.pipeline`) is imported on first use, so that code needing only the
+sources' shapes (`train.state.data_shape`, hence the train step) does not load grain.
+"""
+
+import importlib
+from typing import Any
+
 from asyncpatch_jax.data.preprocess import Preprocess, center_crop_resize
 from asyncpatch_jax.data.sources import (
     BUNDLED,
@@ -18,6 +16,16 @@ from asyncpatch_jax.data.sources import (
     get_source,
     latent_data,
 )
+
+_PIPELINE = ("Pipeline", "ProcessRows", "create_eval_pipeline", "create_train_pipeline",
+             "process_rows", "reference_images", "to_model_range")
+
+
+def __getattr__(name: str) -> Any:
+  if name in _PIPELINE:
+    return getattr(importlib.import_module("asyncpatch_jax.data.pipeline"), name)
+  raise AttributeError(f"module 'asyncpatch_jax.data' has no attribute {name!r}")
+
 
 __all__ = [
     "BUNDLED",

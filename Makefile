@@ -39,7 +39,7 @@ demo: $(STAMP)
 	  --config.train_minutes=$(TRAIN_MINUTES) $(DEMO_FLAGS)
 
 level-stats: $(STAMP)
-	$(BIN)/python -m asyncpatch_jax.diffusion.level_stats --out=docs/level_stats
+	$(BIN)/python -m asyncpatch_jax.tools.level_stats --out=docs/level_stats
 
 # A source archive and a wheel in dist/, for the Colab notebooks' install cell (upload the zip).
 dist: $(STAMP)

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from asyncpatch_jax.diffusion import level_samplers as ls
-from asyncpatch_jax.diffusion.level_stats import level_statistics
 
 KEY = jax.random.key(0)
 
@@ -107,27 +106,6 @@ def test_sampler_bad_input():
     ls.IID()(KEY, (4,))
 
 
-def test_level_statistics_reports_the_referee_figures():
-  stats = level_statistics(ls.Controlled(p_hom=0.5), KEY, (8, 8), num_maps=2048, chunk=512)
-  assert abs(stats["share_exactly_homogeneous"] - 0.5) < 0.05
-  assert abs(stats["std_of_mean"] - 12 ** -0.5) < 0.02
-  assert sum(stats["histogram"]) == 2048 * 64
-  iid = level_statistics(ls.IID(), KEY, (8, 8), num_maps=1024)
-  assert iid["share_exactly_homogeneous"] == 0.0 and iid["std_of_mean"] < 0.05
-  masked = level_statistics(ls.Masked(), KEY, (8, 8), num_maps=256)
-  assert masked["share_with_clean_context"] > 0.9
-
-
-def test_level_stats_command_writes_outputs(tmp_path):
-  from asyncpatch_jax.diffusion import level_stats
-
-  level_stats.main(["--out", str(tmp_path), "--grids", "4", "--num_maps", "64",
-                    "--sampler_json", '{"name": "controlled"}'])
-  for suffix in ("json", "md", "png"):
-    assert (tmp_path / f"level_stats.{suffix}").stat().st_size > 0
-  assert not list(tmp_path.glob("*.tmp"))
-
-
 def test_grouped_staircase_matches_autoregressive_layouts():
   # Rows in raster order without overlap: whole rows share one level, one row in flight.
   t = _maps(ls.Staircase(order="raster", groups="row", max_overlap=0.0), shape=(1024, 4, 4))
@@ -179,42 +157,3 @@ def test_default_mixture_has_every_sampling_component():
   names = sorted(type(c).__name__ for _, c in mixture.components)
   assert names == ["Controlled", "Masked", "SmoothField", "Staircase"]
   assert ls.from_config(ls.legacy_config()).components[2][1].max_overlap == 0.5
-
-
-def test_map_features_on_known_maps():
-  from asyncpatch_jax.diffusion.level_stats import map_features
-
-  t = np.zeros((2, 2, 4))
-  t[0] = 0.5
-  t[1, :, 2:] = 1.0  # left half clean, right half untouched: a sharp edge
-  f = map_features(t)
-  np.testing.assert_allclose(f[0], [0.5, 0.0, 1.0, 0.0, 0.0])
-  # Row gaps: one of 3 per row is 1; column gaps: 0. Mean over the 6 + 4 gaps = 0.2.
-  np.testing.assert_allclose(f[1], [0.5, 0.5, 0.0, 0.2, 0.5])
-
-
-def _coverage(strategies, grid=(4, 4)):
-  from asyncpatch_jax.diffusion import level_stats
-
-  presets = level_stats.strategy_presets(num_steps=8)
-  samplers = {"default": ls.default_config().to_dict(), "legacy": ls.legacy_config().to_dict()}
-  return level_stats.coverage_table(samplers, grid, KEY, num_maps=4096,
-                                    strategies={k: presets[k] for k in strategies})
-
-
-def test_default_training_covers_grouped_autoregressive_maps():
-  """A strategy whose maps default training never produces is a bug: AR with row groups at
-  ρ = 0.75 (several rows in transition at small level gaps) is typical of the default mixture
-  and not of the legacy one, whose staircases were per token with ρ ≤ 0.5."""
-  table = _coverage(["AR rows ρ=0.75"])
-  assert table["default"]["AR rows ρ=0.75"]["share_typical"] >= 0.95, table["default"]
-  assert table["legacy"]["AR rows ρ=0.75"]["share_typical"] < 0.8, table["legacy"]
-
-
-@pytest.mark.slow
-def test_default_training_covers_every_sampling_strategy():
-  from asyncpatch_jax.diffusion import level_stats
-
-  table = _coverage(list(level_stats.strategy_presets()), grid=(8, 8))
-  low = {k: v["share_typical"] for k, v in table["default"].items() if v["share_typical"] < 0.95}
-  assert not low, f"strategies whose maps default training rarely produces: {low}"

@@ -15,17 +15,16 @@ Gaussian denoiser of a smooth 2-D field, so uncertainty-guided plans see real va
 
 Commands (each writes a JSON, a markdown table and a PNG plot into --out):
 
-  python -m asyncpatch_jax.diffusion.level_stats --out=docs/level_stats --grids=8,16,32
-  python -m asyncpatch_jax.diffusion.level_stats --coverage --out=docs/level_stats
+  python -m asyncpatch_jax.tools.level_stats --out=docs/level_stats --grids=8,16,32
+  python -m asyncpatch_jax.tools.level_stats --coverage --out=docs/level_stats
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-import os
 import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,7 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asyncpatch_jax import file_io
 from asyncpatch_jax.diffusion import level_samplers
+from asyncpatch_jax.diffusion.parametrization import Prediction
+from asyncpatch_jax.diffusion.schedules import get_schedule
+from asyncpatch_jax.sampling import analytic, masks, sample
+from asyncpatch_jax.sampling.input_guidance import DEFAULT_GUIDANCE_LEVEL
 
 Array = jax.Array
 NEAR_HOMOGENEOUS_STD = 0.02
@@ -133,8 +137,6 @@ def coverage(training: TrainingMaps, levels: Any) -> dict[str, Any]:
 def gaussian_field_denoiser(grid: Sequence[int], schedule: Any, length_scale: float = 1.5):
   """The exact denoiser of a smooth Gaussian field on `grid` (one element per token) whose
   variance varies over the positions (0.2 to 1), so certainty differs between tokens."""
-  from asyncpatch_jax.sampling import analytic
-
   pos = np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), -1)
   pos = pos.reshape(-1, len(grid)).astype(np.float64)
   corr = np.exp(-0.5 * np.square(pos[:, None] - pos[None]).sum(-1) / length_scale**2)
@@ -178,11 +180,6 @@ def strategy_presets(num_steps: int = 16) -> dict[str, dict[str, Any]]:
 def strategy_maps(spec: Mapping[str, Any], grid: Sequence[int], rng: Array, *,
                   batch: int = 16, schedule: str = "cosine") -> np.ndarray:
   """The level maps `[n, *grid]` a strategy feeds the network along `batch` trajectories."""
-  from asyncpatch_jax.diffusion.parametrization import Prediction
-  from asyncpatch_jax.diffusion.schedules import get_schedule
-  from asyncpatch_jax.sampling import masks, sample
-  from asyncpatch_jax.sampling.input_guidance import DEFAULT_GUIDANCE_LEVEL
-
   grid = tuple(int(g) for g in grid)
   kwargs = dict(spec)
   mask_name = kwargs.pop("mask", None)
@@ -239,7 +236,7 @@ def preset_configs() -> dict[str, Mapping[str, Any]]:
 
 
 def _plot(results: dict[str, list[dict[str, Any]]], path: pathlib.Path) -> None:
-  import matplotlib
+  import matplotlib  # heavy and only for the figure: imported when one is drawn
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -261,19 +258,17 @@ def _plot(results: dict[str, list[dict[str, Any]]], path: pathlib.Path) -> None:
   axes[2].set(xlabel="level", ylabel="share of tokens", title="histogram of levels")
   axes[0].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with file_io.atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+def _write_text(path: pathlib.Path, text: str) -> None:
+  with file_io.atomic_open(path) as f:
     f.write(text)
-  os.replace(f.name, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  import argparse
-
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default="docs/level_stats", help="output folder")
   parser.add_argument("--grids", default="8,16,32", help="token grid sides (square grids)")
@@ -309,9 +304,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    f"{r['mean_spatial_std']:.4f} | {r['share_exactly_homogeneous']:.3f} | "
                    f"{r[near_key]:.3f} | {r['share_with_clean_context']:.3f} |")
   table = "\n".join(lines)
-  _write_atomic(out / "level_stats.json", json.dumps(
+  _write_text(out / "level_stats.json", json.dumps(
       {"configs": {k: dict(v) for k, v in configs.items()}, "results": results}, indent=1))
-  _write_atomic(out / "level_stats.md", table + "\n")
+  _write_text(out / "level_stats.md", table + "\n")
   _plot(results, out / "level_stats.png")
   print(table)
   print(f"wrote {out}/level_stats.{{json,md,png}}")
@@ -336,10 +331,10 @@ def main_coverage(args: Any) -> None:
   text = "\n".join(lines)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  _write_atomic(out / "coverage.json", json.dumps(
+  _write_text(out / "coverage.json", json.dumps(
       {"grid": list(grid), "samplers": samplers, "typical_quantile": TYPICAL_QUANTILE,
        "results": table}, indent=1, default=float))
-  _write_atomic(out / "coverage.md", text + "\n")
+  _write_text(out / "coverage.md", text + "\n")
   print(text)
   print(f"wrote {out}/coverage.{{json,md}}")
 

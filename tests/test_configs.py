@@ -41,19 +41,20 @@ VARIANTS = [(name, None) for name in DATASETS] + [
 def _with_latents_prepared(config, tmp_path):
   """Points a latent config at a VAE file and complete (empty) caches of every split it reads,
   so validation sees a prepared run."""
-  from asyncpatch_jax.latents import cache, prepare
+  from asyncpatch_jax.autoencoder.named import RANDOM_WEIGHTS
+  from asyncpatch_jax.data import latent_cache, preparation
 
   if config.data.source != "latents":
     return config
-  if config.vae.weights != prepare.RANDOM_WEIGHTS:
+  if config.vae.weights != RANDOM_WEIGHTS:
     config.vae.weights = str(tmp_path / "vae.safetensors")
     (tmp_path / "vae.safetensors").write_bytes(b"")
   config.data.latent_dir = str(tmp_path / "latents")
-  for split in prepare.needed_splits(config):
+  for split in preparation.needed_splits(config):
     directory = tmp_path / "latents" / split
     directory.mkdir(parents=True)
-    (directory / cache.METADATA).write_text(json.dumps({"format": cache.FORMAT,
-                                                        "complete": True}))
+    (directory / latent_cache.METADATA).write_text(json.dumps({"format": latent_cache.FORMAT,
+                                                               "complete": True}))
   return config
 
 

@@ -17,8 +17,8 @@ if str(ROOT) not in sys.path:
 
 from asyncpatch_jax import data as data_lib  # noqa: E402
 from asyncpatch_jax.autoencoder import VAEConfig, init_vae, save_vae  # noqa: E402
-from asyncpatch_jax.latents import cache as cache_lib  # noqa: E402
-from asyncpatch_jax.latents.build import make_source  # noqa: E402
+from asyncpatch_jax.data import latent_cache  # noqa: E402
+from asyncpatch_jax.latents.encode import build_latent_cache, make_source  # noqa: E402
 from asyncpatch_jax.train import samples as samples_lib  # noqa: E402
 from asyncpatch_jax.train import trainer, validation  # noqa: E402
 from configs import imagenet  # noqa: E402
@@ -31,9 +31,8 @@ def _build_caches(vae, weights, latent_dir, image_size, splits=("train", "valida
     for split in splits:
       source, name = make_source("tfds", image_size=image_size, tfds_name="imagenet2012",
                                  split=split)
-      cache_lib.build_latent_cache(source, vae, latent_dir / split, image_size=image_size,
-                                   batch_size=8, shard_size=8, source_name=name,
-                                   weights_file=str(weights), log=None)
+      build_latent_cache(source, vae, latent_dir / split, image_size=image_size, batch_size=8,
+                         shard_size=8, source_name=name, weights_file=str(weights), log=None)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +145,7 @@ def test_cache_of_a_different_vae_is_refused(prepared, tmp_path):
   config.vae.weights = str(tmp_path / "other.safetensors")
   save_vae(init_vae(VAEConfig.tiny(), seed=2), config.vae.weights)
   validation.validate_config(config)  # every file is there ...
-  with pytest.raises(cache_lib.LatentCacheMismatchError,
+  with pytest.raises(latent_cache.LatentCacheMismatchError,
                      match=r"different VAE \(diffusion_pytorch_model\.safetensors"):
     samples_lib.make_decoder(config)  # ... but its latents are not this VAE's
 
@@ -155,7 +154,7 @@ def test_cache_of_a_different_resolution_is_refused(prepared):
   config, _ = prepared
   config = config.copy_and_resolve_references()
   config.data.image_size = 64  # the caches hold 32² images
-  with pytest.raises(cache_lib.LatentCacheMismatchError, match="resolution: cache 32, run 64"):
+  with pytest.raises(latent_cache.LatentCacheMismatchError, match="resolution: cache 32, run 64"):
     data_lib.get_source(config.data, "train")
 
 

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from asyncpatch_jax.autoencoder import VAEConfig, init_vae, params_fingerprint
+from asyncpatch_jax.data import latent_cache
 from asyncpatch_jax.data.preprocess import center_crop_resize
 from asyncpatch_jax.data.sources import DatasetNotFoundError
-from asyncpatch_jax.latents import cache as cache_lib
-from asyncpatch_jax.latents import lsun
-from asyncpatch_jax.latents.build import make_source
+from asyncpatch_jax.latents import encode, lsun
+from asyncpatch_jax.latents.encode import make_source
 
 IMAGE_SIZE = 16
 NUM_EXAMPLES = 10
@@ -55,7 +55,7 @@ def vae():
 def built(tmp_path_factory, vae):
   """An uninterrupted build on the 8-device mesh."""
   cache_dir = tmp_path_factory.mktemp("cache") / "train"
-  metadata = cache_lib.build_latent_cache(
+  metadata = encode.build_latent_cache(
       Images(), vae, cache_dir, image_size=IMAGE_SIZE, batch_size=BATCH_SIZE,
       shard_size=SHARD_SIZE, source_name="test:images", log=None)
   return cache_dir, metadata
@@ -82,7 +82,7 @@ def test_cache_holds_the_direct_encoding(built, vae):
   assert sorted(os.listdir(cache_dir)) == [
       "latents-00000-of-00003.array_record", "latents-00001-of-00003.array_record",
       "latents-00002-of-00003.array_record", "metadata.json"]
-  source = cache_lib.LatentCacheSource(cache_dir, vae=vae, image_size=IMAGE_SIZE)
+  source = latent_cache.LatentCacheSource(cache_dir, vae=vae, image_size=IMAGE_SIZE)
   assert len(source) == NUM_EXAMPLES
   images = Images()
   crops = np.stack([center_crop_resize(im, IMAGE_SIZE) for im in images.images])
@@ -101,7 +101,7 @@ def test_cache_holds_the_direct_encoding(built, vae):
   # Picklable for grain's worker processes, and usable as a grain source.
   clone = pickle.loads(pickle.dumps(source))
   np.testing.assert_array_equal(clone[7]["logvar"], source[7]["logvar"])
-  preprocess = cache_lib.LatentPreprocess(source.scaling_factor)
+  preprocess = latent_cache.LatentPreprocess(source.scaling_factor)
   ds = grain.MapDataset.source(source).map(preprocess).batch(5)
   first = ds[0]
   assert first["image"].shape == (5, 2, 2, 4) and first["image"].dtype == np.float32
@@ -110,10 +110,11 @@ def test_cache_holds_the_direct_encoding(built, vae):
 
 def test_sharded_build_equals_single_device(built, vae, tmp_path):
   cache_dir, _ = built
-  cache_lib.build_latent_cache(
+  encode.build_latent_cache(
       Images(), vae, tmp_path, image_size=IMAGE_SIZE, batch_size=3, shard_size=SHARD_SIZE,
-      mesh=cache_lib.data_mesh(jax.devices()[:1]), source_name="test:images", log=None)
-  sharded, single = cache_lib.LatentCacheSource(cache_dir), cache_lib.LatentCacheSource(tmp_path)
+      mesh=encode.data_mesh(jax.devices()[:1]), source_name="test:images", log=None)
+  sharded = latent_cache.LatentCacheSource(cache_dir)
+  single = latent_cache.LatentCacheSource(tmp_path)
   for i in range(NUM_EXAMPLES):
     np.testing.assert_allclose(sharded[i]["mean"], single[i]["mean"], rtol=1e-5, atol=1e-6)
     assert sharded[i]["label"] == single[i]["label"]
@@ -124,51 +125,51 @@ def test_resume_after_interruption_equals_uninterrupted(built, vae, tmp_path):
   kwargs = dict(image_size=IMAGE_SIZE, batch_size=BATCH_SIZE, shard_size=SHARD_SIZE,
                 source_name="test:images")
   with pytest.raises(RuntimeError, match="simulated interruption"):
-    cache_lib.build_latent_cache(Images(fail_at=6), vae, tmp_path, log=None, **kwargs)
+    encode.build_latent_cache(Images(fail_at=6), vae, tmp_path, log=None, **kwargs)
   names = sorted(os.listdir(tmp_path))
   assert names == ["latents-00000-of-00003.array_record", "metadata.json"]  # no partial shard
-  assert not cache_lib.read_metadata(tmp_path)["complete"]
-  with pytest.raises(cache_lib.LatentCacheNotFoundError, match=r"incomplete \(1 of 3 shards"):
-    cache_lib.LatentCacheSource(tmp_path)
+  assert not latent_cache.read_metadata(tmp_path)["complete"]
+  with pytest.raises(latent_cache.LatentCacheNotFoundError, match=r"incomplete \(1 of 3 shards"):
+    latent_cache.LatentCacheSource(tmp_path)
   messages = []
   resumed = Images()
-  metadata = cache_lib.build_latent_cache(resumed, vae, tmp_path, log=messages.append, **kwargs)
+  metadata = encode.build_latent_cache(resumed, vae, tmp_path, log=messages.append, **kwargs)
   assert metadata["complete"]
   assert min(resumed.read) == SHARD_SIZE  # the complete shard was not encoded again
   assert "1 of 3 shards already complete" in messages[0]
   assert _records(tmp_path) == _records(cache_dir)  # byte-identical to the uninterrupted build
   # Running it again is a no-op.
   again = Images(fail_at=0)
-  cache_lib.build_latent_cache(again, vae, tmp_path, log=None, **kwargs)
+  encode.build_latent_cache(again, vae, tmp_path, log=None, **kwargs)
 
 
 def test_metadata_mismatches_are_refused(built, vae, tmp_path):
   cache_dir, _ = built
   other = init_vae(VAEConfig.tiny(), seed=1)
-  with pytest.raises(cache_lib.LatentCacheMismatchError, match="different VAE"):
-    cache_lib.LatentCacheSource(cache_dir, vae=other)
-  with pytest.raises(cache_lib.LatentCacheMismatchError, match="different VAE"):
-    cache_lib.LatentCacheSource(cache_dir, vae=params_fingerprint(other))
-  with pytest.raises(cache_lib.LatentCacheMismatchError, match="resolution: cache 16, run 32"):
-    cache_lib.LatentCacheSource(cache_dir, vae=vae, image_size=32)
-  with pytest.raises(cache_lib.LatentCacheMismatchError, match="scaling factor"):
-    cache_lib.LatentCacheSource(cache_dir, scaling_factor=0.13025)
-  with pytest.raises(cache_lib.LatentCacheNotFoundError, match=r"latents\.build"):
-    cache_lib.LatentCacheSource(tmp_path / "nothing")
+  with pytest.raises(latent_cache.LatentCacheMismatchError, match="different VAE"):
+    latent_cache.LatentCacheSource(cache_dir, vae=other)
+  with pytest.raises(latent_cache.LatentCacheMismatchError, match="different VAE"):
+    latent_cache.LatentCacheSource(cache_dir, vae=params_fingerprint(other))
+  with pytest.raises(latent_cache.LatentCacheMismatchError, match="resolution: cache 16, run 32"):
+    latent_cache.LatentCacheSource(cache_dir, vae=vae, image_size=32)
+  with pytest.raises(latent_cache.LatentCacheMismatchError, match="scaling factor"):
+    latent_cache.LatentCacheSource(cache_dir, scaling_factor=0.13025)
+  with pytest.raises(latent_cache.LatentCacheNotFoundError, match=r"latents\.build"):
+    latent_cache.LatentCacheSource(tmp_path / "nothing")
   # Resuming into a directory written with other settings would mix two caches.
-  with pytest.raises(cache_lib.LatentCacheMismatchError, match="image_size"):
-    cache_lib.build_latent_cache(Images(), vae, cache_dir, image_size=8, batch_size=BATCH_SIZE,
+  with pytest.raises(latent_cache.LatentCacheMismatchError, match="image_size"):
+    encode.build_latent_cache(Images(), vae, cache_dir, image_size=8, batch_size=BATCH_SIZE,
                                  shard_size=SHARD_SIZE, source_name="test:images", log=None)
   with pytest.raises(ValueError, match="multiple of the 8 devices"):
-    cache_lib.build_latent_cache(Images(), vae, tmp_path, image_size=IMAGE_SIZE, batch_size=6)
+    encode.build_latent_cache(Images(), vae, tmp_path, image_size=IMAGE_SIZE, batch_size=6)
 
 
 def test_float16_storage(built, vae, tmp_path):
   cache_dir, _ = built
-  cache_lib.build_latent_cache(Images(4), vae, tmp_path, image_size=IMAGE_SIZE,
+  encode.build_latent_cache(Images(4), vae, tmp_path, image_size=IMAGE_SIZE,
                                batch_size=BATCH_SIZE, shard_size=SHARD_SIZE,
                                storage_dtype="float16", log=None)
-  half, full = cache_lib.LatentCacheSource(tmp_path), cache_lib.LatentCacheSource(cache_dir)
+  half, full = latent_cache.LatentCacheSource(tmp_path), latent_cache.LatentCacheSource(cache_dir)
   assert half.metadata["storage_dtype"] == "float16"
   assert half[2]["mean"].dtype == np.float32
   np.testing.assert_allclose(half[2]["mean"], full[2]["mean"], rtol=1e-3, atol=1e-3)
@@ -178,7 +179,7 @@ def test_latent_preprocess():
   rng = np.random.default_rng(0)
   record = {"mean": rng.standard_normal((2, 2, 2, 4)).astype(np.float32),
             "logvar": np.full((2, 2, 2, 4), np.log(0.25), np.float32), "label": 2}
-  pre = cache_lib.LatentPreprocess(0.5)
+  pre = latent_cache.LatentPreprocess(0.5)
   evaluation = pre(record)
   np.testing.assert_allclose(evaluation["image"], 0.5 * record["mean"][0])
   assert evaluation["label"] == 2
@@ -192,7 +193,7 @@ def test_latent_preprocess():
     residuals.append(z - record["mean"][view])
   assert 0.4 < np.mean(views) < 0.6
   assert abs(np.std(residuals) - 0.5) < 0.02  # z ~ N(mean, exp(logvar)) = N(mean, 0.5²)
-  fixed = cache_lib.LatentPreprocess(0.5, random_flip=False, sample=False)
+  fixed = latent_cache.LatentPreprocess(0.5, random_flip=False, sample=False)
   np.testing.assert_allclose(fixed(record, flip_key=(0, 3))["image"], 0.5 * record["mean"][0])
 
 
@@ -281,7 +282,7 @@ def test_build_cli_end_to_end(lsun_lmdb, tmp_path):
        f"--vae_weights={weights_file}", f"--out={out}", "--batch_size=2", "--shard_size=3",
        "--num_threads=2"], check=True, env=env, timeout=600)
   from asyncpatch_jax.autoencoder import load_vae
-  source = cache_lib.LatentCacheSource(out, vae=load_vae(weights_file), image_size=32)
+  source = latent_cache.LatentCacheSource(out, vae=load_vae(weights_file), image_size=32)
   assert len(source) == 4 and source.metadata["num_shards"] == 2
   assert source.metadata["vae"]["weights_file"] == weights.HF_FILENAME
   assert source[3]["mean"].shape == (2, 4, 4, 4)
@@ -308,8 +309,8 @@ def test_lsun_debug_config_runs_the_commands_it_prints(tmp_path):
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from asyncpatch_jax.data import pipeline
-  from asyncpatch_jax.latents import build, prepare
+  from asyncpatch_jax.data import pipeline, preparation
+  from asyncpatch_jax.latents import build
   from asyncpatch_jax.train import validation
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -320,7 +321,7 @@ def test_lsun_debug_config_runs_the_commands_it_prints(tmp_path):
   config = lsun_config.get_config("debug")
   config.data.lsun_dir = str(tmp_path / "lsun")
   config.data.latent_dir = str(tmp_path / "latents")
-  message = prepare.missing_preparation(config)
+  message = preparation.missing_preparation(config)
   assert "Download" not in message  # the VAE is the random debug one, the exports exist
   commands = [shlex.split(line) for line in message.splitlines()
               if line.strip().startswith("python -m asyncpatch_jax.latents.build")]

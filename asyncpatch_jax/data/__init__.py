@@ -18,7 +18,7 @@ from asyncpatch_jax.data.sources import (
 )
 
 _PIPELINE = ("Pipeline", "ProcessRows", "create_eval_pipeline", "create_train_pipeline",
-             "process_rows", "reference_images", "to_model_range")
+             "process_rows", "reference_images")
 
 
 def __getattr__(name: str) -> Any:
@@ -41,5 +41,4 @@ __all__ = [
     "latent_data",
     "process_rows",
     "reference_images",
-    "to_model_range",
 ]

@@ -21,6 +21,7 @@ from absl import flags
 from jax.sharding import NamedSharding
 
 from asyncpatch_jax.data import sources
+from asyncpatch_jax.data.latent_cache import LatentPreprocess
 from asyncpatch_jax.data.preprocess import Preprocess
 
 
@@ -151,9 +152,7 @@ def make_preprocess(data_config: Any, *, train: bool, source: Any = None) -> Any
   """
   if data_config.source == "synthetic":
     return finished_example
-  if data_config.source == "latents":
-    from asyncpatch_jax.latents.cache import LatentPreprocess
-
+  if sources.latent_data(data_config):  # a latent cache ('synthetic' returned above)
     if source is None:
       source = sources.get_source(data_config, data_config.train_split)
     return LatentPreprocess(source.scaling_factor, random_flip=train and data_config.random_flip,
@@ -197,12 +196,3 @@ def reference_images(data_config: Any, num: int, split: str | None = None
   return (np.stack([r["image"] for r in records]),
           np.asarray([r["label"] for r in records], np.int32))
 
-
-def to_model_range(images: jax.Array | np.ndarray) -> jax.Array:
-  """uint8 [0, 255] → float32 [-1, 1], done on the device to keep host transfers in uint8.
-
-  Float batches (scaled latents from a latent cache) are the model's data already: unchanged.
-  """
-  if jax.numpy.issubdtype(images.dtype, jax.numpy.floating):
-    return jax.numpy.asarray(images, jax.numpy.float32)
-  return jax.numpy.asarray(images, jax.numpy.float32) * (2.0 / 255.0) - 1.0

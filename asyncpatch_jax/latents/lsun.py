@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from asyncpatch_jax import file_io
 from asyncpatch_jax.data.preprocess import center_crop_resize
 from asyncpatch_jax.data.sources import DatasetNotFoundError
 
@@ -39,7 +40,7 @@ def _environment(path: str) -> Any:
   key = os.path.realpath(path)
   env = _ENVIRONMENTS.get(key)
   if env is None:
-    import lmdb
+    import lmdb  # optional: only LSUN sources need py-lmdb
 
     with _ENVIRONMENTS_LOCK:
       if key not in _ENVIRONMENTS:
@@ -128,11 +129,9 @@ class LsunSource:
       return [bytes.fromhex(line.strip()) for line in f if line.strip()]
 
   def _write_keys_file(self, path: str, keys: list[bytes]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with file_io.atomic_open(path) as f:
       f.write(self._keys_file_header() + "\n")
       f.writelines(k.hex() + "\n" for k in keys)
-    os.replace(tmp, path)
 
   # -- Records ---------------------------------------------------------------------------------
 

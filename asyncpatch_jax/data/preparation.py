@@ -1,10 +1,10 @@
 """What a latent-diffusion run (`config.data.source = 'latents'`) needs, and how to prepare it.
 
-A run reads one latent cache per split, `<data.latent_dir>/<split>`, written by
-`python -m asyncpatch_jax.latents.build` with the VAE that `config.vae` names, and decodes its
-samples with that VAE. `missing_preparation(config)` lists what is not there yet together with
-the exact commands that prepare it, so a run fails at once (before any compilation) with a
-recipe instead of a traceback.
+A run reads one latent cache per split, `<data.latent_dir>/<split>` (`cache_dir`), written by
+`python -m asyncpatch_jax.latents.build` with the VAE that `config.vae` names
+(`autoencoder.named`), and decodes its samples with that VAE. `missing_preparation(config)`
+lists what is not there yet together with the exact commands that prepare it, so a run fails at
+once (before any compilation) with a recipe instead of a traceback.
 """
 
 from __future__ import annotations
@@ -13,39 +13,9 @@ import os
 import shlex
 from typing import Any
 
-import jax.numpy as jnp
-
-from asyncpatch_jax.autoencoder.vae import AutoencoderKL, VAEConfig, init_vae, vae_config
-from asyncpatch_jax.autoencoder.weights import HF_FILENAME, HF_REPOS, load_vae
-from asyncpatch_jax.latents.cache import METADATA, read_metadata
-
-RANDOM_WEIGHTS = "random"  # `vae.weights`: a seeded random VAE (debug runs and tests only)
-
-
-def load_named_vae(weights: str, name: str = "sd", *, scaling_factor: float | None = None,
-                   dtype: Any = "float32") -> AutoencoderKL:
-  """The VAE `name` ('sd' or 'tiny') with the weights of a safetensors file, or `'random'`
-  (deterministic random weights, seed 0; only for the 'tiny' architecture)."""
-  config = vae_config(name, scaling_factor)
-  if weights == RANDOM_WEIGHTS:
-    if name != "tiny":
-      raise ValueError(f"vae.weights='random' gives meaningless latents; it is allowed for the "
-                       f"'tiny' VAE (debug runs), not for {name!r}: pass the {HF_FILENAME} of "
-                       f"{HF_REPOS[0]}")
-    return init_vae(config, seed=0, dtype=jnp.dtype(dtype))
-  return load_vae(weights, config, dtype=jnp.dtype(dtype))
-
-
-def run_vae_config(config: Any) -> VAEConfig:
-  """The architecture and scaling factor of `config.vae`."""
-  return vae_config(config.vae.name, float(config.vae.scaling_factor))
-
-
-def load_run_vae(config: Any) -> AutoencoderKL:
-  """The run's VAE (`config.vae`): raises `WeightsNotFoundError` naming the download."""
-  vae = config.vae
-  return load_named_vae(vae.weights, vae.name, scaling_factor=float(vae.scaling_factor),
-                        dtype=vae.dtype)
+from asyncpatch_jax.autoencoder.named import RANDOM_WEIGHTS
+from asyncpatch_jax.autoencoder.weights import HF_FILENAME, HF_REPOS
+from asyncpatch_jax.data.latent_cache import METADATA, read_metadata
 
 
 def cache_dir(data_config: Any, split: str) -> str:
@@ -99,7 +69,7 @@ def _cache_problem(path: str) -> str | None:
 
 def _tfds_prepared(data: Any) -> bool:
   try:
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy and optional: only when a cache is missing
     return bool(tfds.builder(data.tfds_name, data_dir=data.tfds_data_dir or None).is_prepared())
   except Exception:  # any failure to find the prepared files means "not there"
     return False

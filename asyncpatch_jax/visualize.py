@@ -2,43 +2,20 @@
 
 Images are `[N, H, W, C]` in [−1, 1] (C = 1 or 3); level maps are `[steps, B, *grid]` in [0, 1]
 with 0 (clean) drawn dark and 1 (noise) bright, each token a square block. Files are written
-atomically (a temporary file in the same folder, then a rename), so a crash or a reader never
-sees half a picture.
+through `file_io`, so a crash or a reader never sees half a picture.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
-from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
+from asyncpatch_jax import file_io, pixels
+
 _BORDER = 2
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-  """Calls `write(tmp)` on a temporary path next to `path`, then renames it into place."""
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[−1, 1] → uint8 [0, 255] (clipped; NaN → 0)."""
-  images = np.nan_to_num(np.asarray(images, np.float32), nan=-1.0)
-  return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, border: int = _BORDER,
@@ -77,8 +54,9 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | Non
   images = np.asarray(images)
   if images.ndim == 3:  # [N, H, W]
     images = images[..., None]
-  grid = make_grid(to_uint8(images), nrow)
-  write_atomic(path, lambda tmp: _as_image(grid).save(tmp, format="PNG"))
+  grid = make_grid(pixels.to_uint8(images), nrow)
+  with file_io.atomic_open(path, "wb") as f:
+    _as_image(grid).save(f, format="PNG")
 
 
 def masked_images(images: np.ndarray, known_mask: np.ndarray, fill: float = 0.0) -> np.ndarray:
@@ -128,12 +106,9 @@ def save_level_map_gif(level_maps: np.ndarray, path: str | os.PathLike, *,
   index = np.unique(np.round(np.linspace(0, maps.shape[0] - 1, min(max_frames,
                                                                    maps.shape[0]))).astype(int))
   frames = [Image.fromarray(f, mode="RGB") for f in level_map_frames(maps[index], scale)]
-
-  def write(tmp):
-    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+  with file_io.atomic_open(path, "wb") as f:
+    frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                    duration=duration_ms, loop=0)
-
-  write_atomic(path, write)
 
 
 def save_level_map_strip(level_maps: np.ndarray, path: str | os.PathLike,
@@ -144,7 +119,8 @@ def save_level_map_strip(level_maps: np.ndarray, path: str | os.PathLike,
   index = np.round(np.linspace(0, maps.shape[0] - 1, min(num_frames, maps.shape[0]))).astype(int)
   frames = level_map_frames(maps[index, example:example + 1], scale)
   strip = make_grid(frames, nrow=len(index))
-  write_atomic(path, lambda tmp: _as_image(strip).save(tmp, format="PNG"))
+  with file_io.atomic_open(path, "wb") as f:
+    _as_image(strip).save(f, format="PNG")
 
 
 def trim_levels(level_maps: np.ndarray, num_steps: int) -> np.ndarray:
@@ -159,7 +135,5 @@ __all__ = [
     "save_image_grid",
     "save_level_map_gif",
     "save_level_map_strip",
-    "to_uint8",
     "trim_levels",
-    "write_atomic",
 ]

@@ -14,6 +14,7 @@ Both evaluators use the TF Inception-v3 of 2015-12-05 (ours: `evaluation/incepti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
 from collections.abc import Iterator
@@ -21,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from asyncpatch_jax import file_io, pixels
 from asyncpatch_jax.evaluation.fid import (
     FeatureStats,
     ReferenceStatistics,
     feature_statistics,
     frechet_distance,
 )
-from asyncpatch_jax.visualize import to_uint8
 
 IMAGES = "arr_0"
 _ADM = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches"
@@ -125,17 +126,18 @@ def agreement(path: str | os.PathLike[str], extractor: Any, batch_size: int = 50
 class SampleBatchWriter:
   """Writes an ADM sample batch `arr_0` uint8 `[num, H, W, 3]` to `path`, `add`ed in order.
 
-  The `.npz` is written through a temporary file, renamed when exactly `num` images were added
-  (`close`, or leaving the `with` block); an error leaves no partial file behind. Images may be
-  uint8 or float in [-1, 1] (`images.to_uint8`); one channel is repeated to three.
+  The `.npz` is written through `file_io.atomic_open`, in place when exactly `num` images were
+  added (`close`, or leaving the `with` block); an error leaves no partial file behind. Images
+  may be uint8 or float in [-1, 1] (`pixels.to_uint8`); one channel is repeated to three.
   """
 
   def __init__(self, path: str | os.PathLike[str], num: int, image_shape: tuple[int, int]):
     self.path, self.num = os.fspath(path), int(num)
     self.shape = (self.num, int(image_shape[0]), int(image_shape[1]), 3)
     self.written = 0
-    self._tmp = f"{self.path}.tmp"
-    self._zip = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+    self._file = contextlib.ExitStack()  # holds the atomic write open across `add` calls
+    self._zip = zipfile.ZipFile(self._file.enter_context(file_io.atomic_open(self.path, "wb")),
+                                "w", zipfile.ZIP_STORED, allowZip64=True)
     self._stream = self._zip.open(f"{IMAGES}.npy", "w", force_zip64=True)
     np.lib.format.write_array_header_1_0(
         self._stream, {"descr": "|u1", "fortran_order": False, "shape": self.shape})
@@ -149,24 +151,26 @@ class SampleBatchWriter:
       raise ValueError(f"images {images.shape} do not match the batch's {list(self.shape[1:])}")
     if self.written + len(images) > self.num:
       raise ValueError(f"{self.written} + {len(images)} images exceed the {self.num} declared")
-    uint8 = images if images.dtype == np.uint8 else np.asarray(to_uint8(images))
+    uint8 = images if images.dtype == np.uint8 else pixels.to_uint8(images)
     self._stream.write(np.ascontiguousarray(uint8).tobytes())
     self.written += len(images)
 
   def close(self) -> None:
     """Finishes the file; fewer than `num` images is an error (and no file)."""
-    self._stream.close()
-    self._zip.close()
     if self.written != self.num:
-      os.remove(self._tmp)
-      raise ValueError(f"{self.path}: {self.written} of {self.num} images were added")
-    os.replace(self._tmp, self.path)
-
-  def abort(self) -> None:
+      error = ValueError(f"{self.path}: {self.written} of {self.num} images were added")
+      self.abort(error)
+      raise error
     self._stream.close()
     self._zip.close()
-    if os.path.exists(self._tmp):
-      os.remove(self._tmp)
+    self._file.close()  # renames the finished file into place
+
+  def abort(self, error: BaseException | None = None) -> None:
+    """Drops the partial file (`error`, if given, is what ended the writing)."""
+    self._stream.close()
+    self._zip.close()
+    error = error or RuntimeError(f"{self.path}: sample batch aborted")
+    self._file.__exit__(type(error), error, error.__traceback__)  # removes the temporary
 
   def __enter__(self) -> SampleBatchWriter:
     return self
@@ -175,7 +179,7 @@ class SampleBatchWriter:
     if kind is None:
       self.close()
     else:
-      self.abort()
+      self.abort(error)
 
 
 def write_sample_batch(path: str | os.PathLike[str], images: Any) -> None:

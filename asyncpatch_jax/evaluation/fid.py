@@ -22,7 +22,6 @@ import hashlib
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,6 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from asyncpatch_jax import file_io
 from asyncpatch_jax.evaluation import images as images_lib
 from asyncpatch_jax.evaluation import inception, weights
 
@@ -250,22 +250,6 @@ def _load_cached(path: pathlib.Path, name: str, fingerprint: str,
   return ReferenceStatistics(name=name, stats=stats, features=features, fingerprint=fingerprint)
 
 
-def save_npz_atomic(path: str | os.PathLike[str], **arrays: Any) -> None:
-  """Writes an .npz through a temporary file in the same folder and an atomic rename."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def reference_statistics(name: str, batches: Iterable[Any] | Callable[[], Iterable[Any]],
                          extractor: FeatureExtractor, cache_dir: str | os.PathLike[str],
                          keep_features: bool = True) -> ReferenceStatistics:
@@ -291,7 +275,8 @@ def reference_statistics(name: str, batches: Iterable[Any] | Callable[[], Iterab
                   fingerprint=np.str_(fingerprint), name=np.str_(name))
     if keep_features:
       arrays["features"] = features
-    save_npz_atomic(path, **arrays)
+    with file_io.atomic_open(path, "wb") as f:
+      np.savez(f, **arrays)
   return ReferenceStatistics(name=name, stats=stats, features=features if keep_features else None,
                              fingerprint=fingerprint)
 

@@ -1,7 +1,7 @@
 """The image convention of every metric here, checked once with errors that say what is wrong.
 
 Images are [B, H, W, 3] (or [B, H, W, 1], taken as grey and repeated to RGB), either uint8 in
-[0, 255] or floating point in [-1, 1] — the data pipeline's model range, x = u·2/255 - 1. Values
+[0, 255] or floating point in [-1, 1] — the model range of `pixels`, x = u·2/255 - 1. Values
 are checked on concrete arrays (not under a trace), with a slack of `RANGE_SLACK` for float error.
 """
 
@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from asyncpatch_jax import pixels
 
 RANGE_SLACK = 1e-3
 
@@ -43,7 +45,8 @@ def _as_rgb(x: jax.Array) -> jax.Array:
 
 
 def to_pixels(images: Any, quantize: bool = True) -> jax.Array:
-  """float32 [B, H, W, 3] in [0, 255]; float inputs rounded to 8-bit values when `quantize`."""
+  """float32 [B, H, W, 3] in [0, 255]; float inputs rounded to 8-bit values when `quantize`
+  (`pixels.to_uint8`'s mapping, kept on the device and traceable for the jitted metrics)."""
   check_images(images)
   x = jnp.asarray(images)
   if x.dtype == jnp.uint8:
@@ -57,5 +60,5 @@ def to_model_range(images: Any) -> jax.Array:
   check_images(images)
   x = jnp.asarray(images)
   if x.dtype == jnp.uint8:
-    return _as_rgb(x.astype(jnp.float32) * (2.0 / 255.0) - 1.0)
+    return _as_rgb(pixels.to_model_range(x))
   return _as_rgb(jnp.clip(x.astype(jnp.float32), -1.0, 1.0))

@@ -373,6 +373,7 @@ RESTORE = code('''
 
 HELD_OUT = code('''
     from asyncpatch_jax import data as data_lib
+    from asyncpatch_jax import pixels
 
     held_out = data_lib.get_source(config.data, "test")  # the 10% of the digits training never saw
     print(f"{len(held_out)} held-out digits, {held_out.images.shape[1:]} uint8")
@@ -593,7 +594,7 @@ INPAINTING = [
         }
         # The first held-out 2, 4, 5 and 8.
         pick = [int(np.flatnonzero(held_out.labels == digit)[0]) for digit in (2, 4, 5, 8)]
-        digits_x = np.asarray(data_lib.to_model_range(held_out.images[pick]))  # [4, 8, 8, 1]
+        digits_x = pixels.to_model_range(held_out.images[pick])  # [4, 8, 8, 1]
         num_images, num_masks = len(pick), len(MASKS)
         # Row-major (mask, image): example i has mask i // 4 and image i % 4.
         known = np.tile(digits_x, (num_masks, 1, 1, 1))
@@ -740,7 +741,7 @@ ADAPTIVE = [
         from asyncpatch_jax import diffusion, sampling
 
         GRID = diffusion.token_grid((1, *X_SHAPE), PATCH)[1:]
-        x = np.asarray(data_lib.to_model_range(held_out.images[:8]))
+        x = pixels.to_model_range(held_out.images[:8])
         labels = jnp.asarray(held_out.labels[:8])
         half_known = sampling.masks.half(8, GRID, side="right")  # True = known: the left half
         levels = jnp.where(half_known, 0.0, 0.6)
@@ -793,7 +794,7 @@ ADAPTIVE = [
     code('''
         M = 40
         DATA_VARIANCE = 1.0
-        pixel_variance = np.var(np.asarray(data_lib.to_model_range(held_out.images)), axis=0)
+        pixel_variance = np.var(pixels.to_model_range(held_out.images), axis=0)
         print(f"per-pixel variance of the digits: mean {pixel_variance.mean():.2f}, "
               f"max {pixel_variance.max():.2f}")
         STRATEGIES = {
@@ -965,11 +966,11 @@ ELBO = [
         import numpy as np
 
         from asyncpatch_jax import data as data_lib
-        from asyncpatch_jax import diffusion, sampling
+        from asyncpatch_jax import diffusion, pixels, sampling
         from asyncpatch_jax.diffusion import paths
         from configs import digits
 
-        images = np.asarray(data_lib.to_model_range(
+        images = np.asarray(pixels.to_model_range(
             data_lib.get_source(digits.get_config().data, "all").images), np.float64)
         thumbs = images.reshape(-1, 4, 2, 4, 2, 1).mean(axis=(2, 4))  # [N, 4, 4, 1]
         D, GRID = 16, (4, 4)
@@ -1116,7 +1117,7 @@ ELBO = [
     RESTORE,
     HELD_OUT,
     code('''
-        x_digits = data_lib.to_model_range(held_out.images)  # on the 8-bit grid 2k/255 − 1
+        x_digits = jnp.asarray(pixels.to_model_range(held_out.images))  # the 8-bit grid 2k/255 − 1
         denoiser = make_denoiser(jnp.asarray(held_out.labels), clip=False)
         grid = diffusion.token_grid(x_digits.shape, PATCH)[1:]
         TRAINED_PATHS = {

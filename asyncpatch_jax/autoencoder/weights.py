@@ -40,6 +40,7 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
+from asyncpatch_jax import file_io
 from asyncpatch_jax.autoencoder.vae import SD_VAE, AutoencoderKL, VAEConfig, abstract_vae
 
 HF_REPOS = ("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse")
@@ -79,20 +80,17 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
-  """Writes `tensors` with the `safetensors` library (to a temporary name, then renamed)."""
+  """Writes `tensors` with the `safetensors` library, atomically (`file_io.atomic_path`)."""
   arrays = {}
   for name, value in tensors.items():
     a = np.ascontiguousarray(value)
     arrays[name] = a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a
-  tmp = f"{os.fspath(path)}.tmp"
+  metadata = {str(k): str(v) for k, v in (metadata or {}).items()} or None
   try:
-    safetensors.numpy.save_file(arrays, tmp, metadata={str(k): str(v) for k, v in
-                                                       (metadata or {}).items()} or None)
+    with file_io.atomic_path(path) as tmp:
+      safetensors.numpy.save_file(arrays, os.fspath(tmp), metadata=metadata)
   except (safetensors.SafetensorError, ValueError, TypeError) as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
     raise ValueError(f"cannot store these tensors in safetensors: {e}") from e
-  os.replace(tmp, path)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 2**24) -> str:

@@ -41,6 +41,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
+from asyncpatch_jax import file_io  # noqa: E402
 from asyncpatch_jax.diffusion import level_samplers  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "results")
@@ -52,11 +53,9 @@ def log(message: str) -> None:
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with file_io.atomic_open(path) as f:
     json.dump(data, f, indent=1, default=float)
     f.write("\n")
-  os.replace(tmp, path)
 
 
 def environment() -> dict[str, Any]:

@@ -64,7 +64,15 @@ from absl import logging  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from asyncpatch_jax import data as data_lib  # noqa: E402
-from asyncpatch_jax import diffusion, models, sampling, user_errors, visualize  # noqa: E402
+from asyncpatch_jax import (  # noqa: E402
+    diffusion,
+    file_io,
+    models,
+    pixels,
+    sampling,
+    user_errors,
+    visualize,
+)
 from asyncpatch_jax.diffusion import elbo, level_samplers, paths  # noqa: E402
 from asyncpatch_jax.evaluation import fid as fid_lib  # noqa: E402
 from asyncpatch_jax.evaluation import images as images_lib  # noqa: E402
@@ -277,7 +285,7 @@ def train_network(dataset: str, variant: str, args: argparse.Namespace, steps: i
   _, _, setup, state, step = trainer.restore_latest(config, workdir)
   record["steps"] = int(step)
   if not os.path.exists(done):
-    with open(done, "w") as f:
+    with file_io.atomic_open(done) as f:  # a torn marker would break the next reuse
       json.dump(record, f)
   params = state.ema[evaluate_lib.ema_params_name(config)]
   log(f"{dataset}/{variant}: {record['steps']} steps, {record['train_seconds']:.0f} s")
@@ -358,7 +366,7 @@ class DatasetBench:
         name, lambda: [ref_images[i:i + args.batch] for i in range(0, len(ref_images),
                                                                    args.batch)],
         extractor, cache)
-    self.data_variance = float(np.var(ref_images.astype(np.float32) * (2 / 255) - 1))
+    self.data_variance = float(np.var(pixels.to_model_range(ref_images)))
 
   # -- sampling ----------------------------------------------------------------------------
 
@@ -451,7 +459,7 @@ class DatasetBench:
       self._programs[program] = jax.jit(run)
     values = []
     for i in range(0, len(images), self.args.batch):
-      x0 = images[i:i + self.args.batch].astype(np.float32) * (2 / 255) - 1
+      x0 = pixels.to_model_range(images[i:i + self.args.batch])
       rng = jax.random.fold_in(self.root, _key_of(self.dataset, "elbo", path_name, i))
       values.append(np.asarray(self._programs[program](net.params, net.model_state, x0,
                                                        labels[i:i + self.args.batch], rng)))
@@ -476,7 +484,7 @@ class DatasetBench:
     """The originals (float [-1, 1]) and a token mask for claim 3/4, fixed by the seed."""
     images, _ = data_lib.reference_images(self.config.data, self.args.num_inpaint)
     mask = sampling.masks.make_mask(mask_name, len(images), self.grid, seed=int(self.args.seed))
-    return images.astype(np.float32) * (2 / 255) - 1, mask
+    return pixels.to_model_range(images), mask
 
   def inpaint(self, variant: str, mask_name: str, name: str, **sample_kwargs
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -699,7 +707,8 @@ def claim_6(bench: DatasetBench) -> dict[str, Any]:
 
 
 def write_atomic_text(path: str, text: str) -> None:
-  visualize.write_atomic(path, lambda tmp: open(tmp, "w").write(text))
+  with file_io.atomic_open(path) as f:
+    f.write(text)
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -801,8 +810,8 @@ def plot(results: dict[str, Any], out: str) -> list[str]:
 
   def save(fig, name):
     path = os.path.join(out, name)
-    visualize.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110,
-                                                         bbox_inches="tight"))
+    with file_io.atomic_open(path, "wb") as f:
+      fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     written.append(name)
 

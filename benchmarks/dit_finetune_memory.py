@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from asyncpatch_jax import file_io  # noqa: E402
 from asyncpatch_jax.train import mesh as mesh_lib  # noqa: E402
 from asyncpatch_jax.train import optimizer as opt_lib  # noqa: E402
 from asyncpatch_jax.train import state as state_lib  # noqa: E402
@@ -110,11 +110,8 @@ def main(argv=None) -> dict:
       "note": "XLA CPU buffer assignment of the one-device train step; the machine was shared "
               "(memory figures do not depend on load)",
   }
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  tmp = f"{args.out}.tmp"
-  with open(tmp, "w") as f:
+  with file_io.atomic_open(args.out) as f:
     json.dump(result, f, indent=2)
-  os.replace(tmp, args.out)
   print(f"{result['model']}: {params / 1e6:.1f} M parameters, train state "
         f"{result['state_gb']:.2f} GB ({result['state_bytes_per_param']:.1f} B/param), "
         f"gradients {result['gradients_gb']:.2f} GB")

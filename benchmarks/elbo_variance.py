@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncpatch_jax import diffusion
+from asyncpatch_jax import diffusion, pixels
 from asyncpatch_jax.diffusion import elbo, paths
 from asyncpatch_jax.sampling import analytic
 
@@ -238,7 +238,7 @@ def part_mnist(args) -> dict[str, Any]:
   schedule = state_lib.make_schedule(config.diffusion)
   patch = int(config.diffusion.patch_size)
   images, labels = data_lib.reference_images(config.data, args.mnist_examples)
-  x0 = jnp.asarray(images.astype(np.float32) * (2 / 255) - 1)
+  x0 = jnp.asarray(pixels.to_model_range(images))
   labels = jnp.asarray(labels, jnp.int32)
   grid = diffusion.token_grid(x0.shape, patch)
   variance = float(np.var(np.asarray(x0)))

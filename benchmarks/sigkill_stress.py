@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any
 
+from asyncpatch_jax import file_io
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/digits.py:debug"
 _TMP_GLOB = "*.orbax-checkpoint-tmp*"
@@ -220,10 +222,8 @@ def main() -> None:
                   max_delay_s=args.max_delay_s)
   result["command"] = " ".join(["python", "benchmarks/sigkill_stress.py", *sys.argv[1:]])
   out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(result, indent=2) + "\n")
-  tmp.replace(out)
+  with file_io.atomic_open(out) as f:
+    f.write(json.dumps(result, indent=2) + "\n")
   print(json.dumps({k: v for k, v in result.items() if k not in ("kill_events", "starts")},
                    indent=2))
   if not result["bitwise_equal"]:

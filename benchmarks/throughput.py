@@ -49,7 +49,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import NamedTuple
 
@@ -62,7 +61,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from asyncpatch_jax import data as data_lib
-from asyncpatch_jax import diffusion, models, sampling, user_errors
+from asyncpatch_jax import diffusion, file_io, models, sampling, user_errors
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
 from asyncpatch_jax.train import perf
@@ -413,7 +412,7 @@ def scan_compile_cases(args, depths=(12, 28)) -> dict:
 
 
 def write_json(path: str, key: str, entry: dict) -> None:
-  """Adds `entry` under `key` to the JSON file at `path`, atomically (temp file + rename)."""
+  """Adds `entry` under `key` to the JSON file at `path`, atomically (`file_io`)."""
   data = {}
   if os.path.exists(path):
     try:
@@ -422,12 +421,8 @@ def write_json(path: str, key: str, entry: dict) -> None:
     except (OSError, ValueError):
       data = {}
   data[key] = entry
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
+  with file_io.atomic_open(path) as f:
     json.dump(data, f, indent=2, default=float)
-  os.replace(tmp, path)
 
 
 def fmt(x, spec=".2f"):

@@ -189,12 +189,12 @@ SHOW = code('''
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from asyncpatch_jax import visualize
+    from asyncpatch_jax import pixels, visualize
 
 
     def grid_image(images, nrow=None):
       """Images `[N, H, W, 1]` in [-1, 1] tiled into one uint8 picture (grey borders)."""
-      return visualize.make_grid(visualize.to_uint8(np.asarray(images)), nrow, border=1,
+      return visualize.make_grid(pixels.to_uint8(np.asarray(images)), nrow, border=1,
                                  fill=128)[..., 0]
 
 

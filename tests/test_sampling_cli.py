@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from test_visualize import assert_not_constant, read_grid
 
-from asyncpatch_jax import visualize
+from asyncpatch_jax import pixels
 from asyncpatch_jax.diffusion import Prediction, get_schedule
 from asyncpatch_jax.sampling import masks, sample
 from asyncpatch_jax.sampling.cli import write_outputs
@@ -55,11 +55,11 @@ def test_writes_grid_npz_settings_and_gif(tmp_path):
   with Image.open(out / "samples.png") as im:
     assert im.size == (2 * 10 + 2, 2 * 10 + 2)
   grid = read_grid(out / "samples.png", 4, (8, 8, 3))  # 2 × 2
-  np.testing.assert_array_equal(grid, visualize.to_uint8(samples))
+  np.testing.assert_array_equal(grid, pixels.to_uint8(samples))
   assert_not_constant(grid, "samples")
   inputs = read_grid(out / "inputs.png", 4, (8, 8, 3))
   known_pixels = np.repeat(np.repeat(known_mask, 2, axis=1), 2, axis=2)[..., None]
-  np.testing.assert_array_equal(inputs, np.where(known_pixels, visualize.to_uint8(known), 128))
+  np.testing.assert_array_equal(inputs, np.where(known_pixels, pixels.to_uint8(known), 128))
   assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
 
 
@@ -167,7 +167,7 @@ def test_sample_mode_writes_a_fresh_folder_in_batches(workdir, tmp_path):
     np.testing.assert_array_equal(data["nfe_per_example"], [3] * 5)
   assert np.all(np.abs(first["samples"]) <= 1) and len(np.unique(first["samples"][:, 0, 0])) > 1
   grid = read_grid(first["folder"] / "samples.png", 5, (8, 8, 1), nrow=10)  # a column per class
-  np.testing.assert_array_equal(grid, visualize.to_uint8(first["samples"]))
+  np.testing.assert_array_equal(grid, pixels.to_uint8(first["samples"]))
   assert_not_constant(grid, "samples")
   np.testing.assert_array_equal(first["samples"], second["samples"])  # seeded
 
@@ -225,7 +225,7 @@ def test_inpaint_mode_keeps_known_pixels_bit_exact(workdir, tmp_path, digit_file
   np.testing.assert_array_equal(samples[:, :, :5], known[:, :, :5])  # bit-exact in [-1, 1]
   assert not np.array_equal(samples[:, :, 5:], known[:, :, 5:])
   grid = read_grid(out["folder"] / "samples.png", 3, (8, 8, 1))  # 2 per row, one cell empty
-  np.testing.assert_array_equal(grid, visualize.to_uint8(samples))
+  np.testing.assert_array_equal(grid, pixels.to_uint8(samples))
   assert_not_constant(grid, "inpainted samples")
   inputs = read_grid(out["folder"] / "inputs.png", 3, (8, 8, 1))
   np.testing.assert_array_equal(inputs[:, :, :5], images[:, :, :5, None])

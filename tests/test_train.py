@@ -255,7 +255,7 @@ def _check_grids(workdir, logged):
   inpainting grid's rows (context with grey holes, completion, original) for its 2 examples."""
   from test_visualize import assert_not_constant, read_grid
 
-  from asyncpatch_jax import sampling, visualize
+  from asyncpatch_jax import pixels, sampling
 
   config = _e2e_config()
   shape = (8, 8, 1)
@@ -268,7 +268,7 @@ def _check_grids(workdir, logged):
   known = sampling.masks.make_mask(config.sampling.inpaint_mask, 2, (8, 8),
                                    seed=config.seed)[..., None]
   assert known.any() and not known.all()
-  grey = visualize.to_uint8(np.zeros(()))
+  grey = pixels.to_uint8(np.zeros(()))
   np.testing.assert_array_equal(context, np.where(known, original, grey))
   np.testing.assert_array_equal(np.where(known, completion, 0), np.where(known, original, 0))
   assert_not_constant(completion, "inpainting completions")

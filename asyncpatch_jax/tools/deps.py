@@ -21,13 +21,11 @@ PACKAGE = "asyncpatch_jax"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The only function-local imports of package modules allowed: (importer, imported) -> reason.
+# (Training loads CLU's writers and TensorFlow; sampling needs neither the trainer nor FID.)
+_PER_MODE = "main's per-mode import: start-up loads only the job the mode runs"
 LAZY_IMPORTS: dict[tuple[str, str], str] = {
-  (f"{PACKAGE}.main", f"{PACKAGE}.train.trainer"):
-    "per-mode import: `--mode=sample` should not pay for the trainer's imports at start-up",
-  (f"{PACKAGE}.main", f"{PACKAGE}.train.sample_cli"):
-    "per-mode import: `--mode=train` should not pay for the sampling outputs' imports",
-  (f"{PACKAGE}.main", f"{PACKAGE}.train.evaluate"):
-    "per-mode import: only `--mode=eval` loads the metric networks",
+  (f"{PACKAGE}.main", f"{PACKAGE}.train.{job}"): _PER_MODE
+  for job in ("trainer", "sample_job", "eval_job")
 }
 
 
@@ -60,8 +58,9 @@ def _imports(name: str, path: pathlib.Path, modules: Iterable[str]) -> list[Impo
   def add(target: str, node: ast.AST, local: bool) -> None:
     while target and target not in modules:
       target = target.rpartition(".")[0]
-    if target and target != name:
-      found.append(Import(name, target, node.lineno, local))
+    imp = Import(name, target, node.lineno, local)
+    if target and target != name and imp not in found:  # `from x import a, b`: one edge
+      found.append(imp)
 
   def visit(node: ast.AST, local: bool) -> None:
     if isinstance(node, ast.Import):

@@ -37,6 +37,7 @@ def test_the_checker_finds_a_cycle_and_a_function_local_import(tmp_path):
   assert len(problems) == 2
   assert problems[0].startswith("import cycle between modules: pkg.high.c <-> pkg.low.a")
   assert problems[1].startswith("function-local import pkg.high.c:4 -> pkg.low.b is not in")
+  assert deps.main(["--check", "--root", str(root)]) == 1
 
 
 def test_a_one_way_package_passes(tmp_path):
@@ -48,6 +49,7 @@ def test_a_one_way_package_passes(tmp_path):
   imports = deps.build_graph(root, "pkg")
   assert [(i.importer, i.imported) for i in imports] == [("pkg.b", "pkg.a")] * 2
   assert deps.report(imports, deps.module_files(root, "pkg"))[1] == []
+  assert deps.main(["--check", "--root", str(root)]) == 0
 
 
 @pytest.mark.xfail(strict=False, reason="until issue 20's train/ and data/ moves land")

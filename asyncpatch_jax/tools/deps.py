@@ -160,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--check", action="store_true",
                       help="exit 1 on a module cycle or a function-local import not allowed")
   parser.add_argument("--root", type=pathlib.Path, default=ROOT,
-                      help=f"the {PACKAGE} folder to read (default: this one)")
+                      help="the package folder to read (default: this package), e.g. a checkout "
+                           "of another commit; its name is the package's")
   args = parser.parse_args(argv)
-  text, problems = report(build_graph(args.root), module_files(args.root))
+  root = args.root.resolve()
+  text, problems = report(build_graph(root, root.name), module_files(root, root.name))
   print(text)
   if args.check and problems:
     print("\ndeps --check failed:\n  " + "\n  ".join(problems), file=sys.stderr)

@@ -50,6 +50,12 @@ def atomic_open(path: PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     yield f
 
 
+def write_text(path: PathLike, text: str) -> None:
+  """`text` under `path`, atomically."""
+  with atomic_open(path) as f:
+    f.write(text)
+
+
 def write_json(path: PathLike, data: Any) -> None:
   """`data` as indented JSON with sorted keys, atomically."""
   with atomic_open(path) as f:

@@ -222,8 +222,7 @@ def main() -> None:
                   max_delay_s=args.max_delay_s)
   result["command"] = " ".join(["python", "benchmarks/sigkill_stress.py", *sys.argv[1:]])
   out = pathlib.Path(args.out)
-  with file_io.atomic_open(out) as f:
-    f.write(json.dumps(result, indent=2) + "\n")
+  file_io.write_text(out, json.dumps(result, indent=2) + "\n")
   print(json.dumps({k: v for k, v in result.items() if k not in ("kill_events", "starts")},
                    indent=2))
   if not result["bitwise_equal"]:

@@ -263,11 +263,6 @@ def _plot(results: dict[str, list[dict[str, Any]]], path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def _write_text(path: pathlib.Path, text: str) -> None:
-  with file_io.atomic_open(path) as f:
-    f.write(text)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default="docs/level_stats", help="output folder")
@@ -304,9 +299,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    f"{r['mean_spatial_std']:.4f} | {r['share_exactly_homogeneous']:.3f} | "
                    f"{r[near_key]:.3f} | {r['share_with_clean_context']:.3f} |")
   table = "\n".join(lines)
-  _write_text(out / "level_stats.json", json.dumps(
+  file_io.write_text(out / "level_stats.json", json.dumps(
       {"configs": {k: dict(v) for k, v in configs.items()}, "results": results}, indent=1))
-  _write_text(out / "level_stats.md", table + "\n")
+  file_io.write_text(out / "level_stats.md", table + "\n")
   _plot(results, out / "level_stats.png")
   print(table)
   print(f"wrote {out}/level_stats.{{json,md,png}}")
@@ -331,10 +326,10 @@ def main_coverage(args: Any) -> None:
   text = "\n".join(lines)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  _write_text(out / "coverage.json", json.dumps(
+  file_io.write_text(out / "coverage.json", json.dumps(
       {"grid": list(grid), "samplers": samplers, "typical_quantile": TYPICAL_QUANTILE,
        "results": table}, indent=1, default=float))
-  _write_text(out / "coverage.md", text + "\n")
+  file_io.write_text(out / "coverage.md", text + "\n")
   print(text)
   print(f"wrote {out}/coverage.{{json,md}}")
 

@@ -119,19 +119,20 @@ def main(argv: list[str]) -> None:
       pass
   logging.info("JAX process %d / %d, local devices %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
+  # Each mode imports its job here, not at the top: start-up then loads only what the mode runs
+  # (training loads CLU's writers and TensorFlow; sampling needs neither the trainer nor FID).
   if _MODE.value == "train":
     from asyncpatch_jax.train import trainer
     trainer.train_and_evaluate(config, workdir)
   elif _MODE.value == "sample":
-    from asyncpatch_jax.train import sample_cli
-    sample_cli.sample_from_checkpoint(config, workdir)
+    from asyncpatch_jax.train import sample_job
+    sample_job.sample_from_checkpoint(config, workdir)
   elif _MODE.value == "inpaint":
-    from asyncpatch_jax.train import sample_cli
-    sample_cli.inpaint_from_checkpoint(config, workdir)
+    from asyncpatch_jax.train import sample_job
+    sample_job.inpaint_from_checkpoint(config, workdir)
   else:
-    from asyncpatch_jax.train import evaluate
-    evaluate.evaluate(config, workdir)
-
+    from asyncpatch_jax.train import eval_job
+    eval_job.evaluate(config, workdir)
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])

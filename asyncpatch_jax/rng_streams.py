@@ -13,6 +13,7 @@ class Stream(enum.IntEnum):
   INIT = 0x1A17  # parameter initialisation
   TRAIN = 0x57E9  # per-step training draws: levels, noise, dropout
   EVAL = 0xE7A1  # evaluation: levels, noise and ELBO strata of the eval split
+  FID_SAMPLES = 0xF1D  # the samples that FID / KID score (`--mode=eval`)
   SAMPLE_GRIDS = 0x5A31E  # the trainer's periodic sample and inpainting grids
   SAMPLE = 0x5A3C11  # `--mode=sample`
   INPAINT = 0x1A9A17  # `--mode=inpaint`

@@ -234,7 +234,7 @@ def claims_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def train(name: str, args: argparse.Namespace) -> Any:
   """Trains (resuming) the MNIST network with level sampler `name`; returns claims' Network."""
-  from asyncpatch_jax.train import evaluate as evaluate_lib
+  from asyncpatch_jax.train import restore as restore_lib
   from asyncpatch_jax.train import trainer
   from benchmarks import claims
 
@@ -251,9 +251,9 @@ def train(name: str, args: argparse.Namespace) -> Any:
   start = time.monotonic()
   trainer.train_and_evaluate(config, workdir)
   seconds = time.monotonic() - start
-  _, _, setup, state, step = trainer.restore_latest(config, workdir)
+  _, _, setup, state, step = restore_lib.restore_latest(config, workdir)
   log(f"{name}: {int(step)} updates ({seconds:.0f} s this call)")
-  params = state.ema[evaluate_lib.ema_params_name(config)]
+  params = state.ema[restore_lib.ema_params_name(config)]
   return claims.Network("mnist", name, config, setup, params, state.model_state, int(step),
                         seconds)
 

@@ -78,10 +78,9 @@ from asyncpatch_jax.evaluation import fid as fid_lib  # noqa: E402
 from asyncpatch_jax.evaluation import images as images_lib  # noqa: E402
 from asyncpatch_jax.evaluation import lpips as lpips_lib  # noqa: E402
 from asyncpatch_jax.evaluation import texture_stats  # noqa: E402
-from asyncpatch_jax.train import evaluate as evaluate_lib  # noqa: E402
+from asyncpatch_jax.train import builders, trainer  # noqa: E402
+from asyncpatch_jax.train import restore as restore_lib  # noqa: E402
 from asyncpatch_jax.train import samples as samples_lib  # noqa: E402
-from asyncpatch_jax.train import state as state_lib  # noqa: E402
-from asyncpatch_jax.train import trainer  # noqa: E402
 from configs import mnist as mnist_config  # noqa: E402
 from configs import textures as textures_config  # noqa: E402
 
@@ -282,12 +281,12 @@ def train_network(dataset: str, variant: str, args: argparse.Namespace, steps: i
     start = time.monotonic()
     trainer.train_and_evaluate(config, workdir)
     record = {"train_seconds": time.monotonic() - start}
-  _, _, setup, state, step = trainer.restore_latest(config, workdir)
+  _, _, setup, state, step = restore_lib.restore_latest(config, workdir)
   record["steps"] = int(step)
   if not os.path.exists(done):
     with file_io.atomic_open(done) as f:  # a torn marker would break the next reuse
       json.dump(record, f)
-  params = state.ema[evaluate_lib.ema_params_name(config)]
+  params = state.ema[restore_lib.ema_params_name(config)]
   log(f"{dataset}/{variant}: {record['steps']} steps, {record['train_seconds']:.0f} s")
   return Network(dataset, variant, config, setup, params, state.model_state, int(step),
                  float(record["train_seconds"]))
@@ -349,9 +348,9 @@ class DatasetBench:
     first = next(iter(networks.values()))
     self.config = first.config
     self.model_def = first.setup.model_def
-    self.schedule = state_lib.make_schedule(self.config.diffusion)
+    self.schedule = builders.make_schedule(self.config.diffusion)
     self.patch = int(self.config.diffusion.patch_size)
-    self.shape = state_lib.data_shape(self.config)
+    self.shape = builders.data_shape(self.config)
     self.grid = diffusion.token_grid((1, *self.shape), self.patch)[1:]
     self.num_classes = int(self.config.model.num_classes)
     self.cfg_scale = float(self.config.sampling.cfg_scale)
@@ -706,11 +705,6 @@ def claim_6(bench: DatasetBench) -> dict[str, Any]:
 # Output.
 
 
-def write_atomic_text(path: str, text: str) -> None:
-  with file_io.atomic_open(path) as f:
-    f.write(text)
-
-
 def fmt(value: Any, digits: int = 3) -> str:
   if value is None:
     return "–"
@@ -856,9 +850,9 @@ def plot(results: dict[str, Any], out: str) -> list[str]:
 def write_results(results: dict[str, Any], out: str) -> None:
   os.makedirs(out, exist_ok=True)
   results["plots"] = plot(results, out)
-  write_atomic_text(os.path.join(out, "claims.json"),
+  file_io.write_text(os.path.join(out, "claims.json"),
                     json.dumps(results, indent=1, default=float) + "\n")
-  write_atomic_text(os.path.join(out, "claims.md"), markdown(results))
+  file_io.write_text(os.path.join(out, "claims.md"), markdown(results))
 
 
 # ------------------------------------------------------------------------------------------------

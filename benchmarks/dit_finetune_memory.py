@@ -37,6 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from asyncpatch_jax import file_io  # noqa: E402
+from asyncpatch_jax.train import builders  # noqa: E402
 from asyncpatch_jax.train import mesh as mesh_lib  # noqa: E402
 from asyncpatch_jax.train import optimizer as opt_lib  # noqa: E402
 from asyncpatch_jax.train import state as state_lib  # noqa: E402
@@ -65,7 +66,7 @@ def compiled_memory(config) -> dict:
   setup = state_lib.setup_state(config, mesh,
                                 opt_lib.make_optimizer(config.optimizer, int(config.num_steps)))
   b = int(config.data.batch_size)
-  shape = state_lib.data_shape(config)
+  shape = builders.data_shape(config)
   batch = {"image": jax.ShapeDtypeStruct((b, *shape), jnp.float32, sharding=batch_sharding),
            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
   jitted = step_lib.jit_train_step(step_lib.make_train_step(config, setup), setup,

@@ -222,9 +222,8 @@ def part_mnist(args) -> dict[str, Any]:
 
   from asyncpatch_jax import data as data_lib
   from asyncpatch_jax import models
-  from asyncpatch_jax.train import evaluate as evaluate_lib
-  from asyncpatch_jax.train import state as state_lib
-  from asyncpatch_jax.train import trainer
+  from asyncpatch_jax.train import builders
+  from asyncpatch_jax.train import restore as restore_lib
 
   logging.set_verbosity(logging.WARNING)
   with open(os.path.join(args.mnist_workdir, "config.json")) as f:
@@ -233,9 +232,9 @@ def part_mnist(args) -> dict[str, Any]:
   steps = [int(s) for s in args.mnist_steps.split(",")]
   nets = {}
   for step in steps:
-    _, _, setup, state, _ = trainer.restore_latest(config, args.mnist_workdir, step=step)
-    nets[step] = (setup, state.ema[evaluate_lib.ema_params_name(config)], state.model_state)
-  schedule = state_lib.make_schedule(config.diffusion)
+    _, _, setup, state, _ = restore_lib.restore_latest(config, args.mnist_workdir, step=step)
+    nets[step] = (setup, state.ema[restore_lib.ema_params_name(config)], state.model_state)
+  schedule = builders.make_schedule(config.diffusion)
   patch = int(config.diffusion.patch_size)
   images, labels = data_lib.reference_images(config.data, args.mnist_examples)
   x0 = jnp.asarray(pixels.to_model_range(images))

@@ -39,9 +39,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from asyncpatch_jax.models import precision
 from asyncpatch_jax.models.dit import DiT
 from asyncpatch_jax.models.unet import ResAttn
+from asyncpatch_jax.train import builders, perf
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
-from asyncpatch_jax.train import perf
 from asyncpatch_jax.train import state as state_lib
 from asyncpatch_jax.train import step as step_lib
 from configs import imagenet, lsun
@@ -100,7 +100,7 @@ def setup(config: Any) -> state_lib.StateSetup:
 def abstract_batch(config: Any, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
   """A train batch's shapes: uint8 images, or float32 latents from a latent cache."""
   latents = config.data.source == "latents"
-  return {"image": jax.ShapeDtypeStruct((batch, *state_lib.data_shape(config)),
+  return {"image": jax.ShapeDtypeStruct((batch, *builders.data_shape(config)),
                                         jnp.float32 if latents else jnp.uint8),
           "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
 

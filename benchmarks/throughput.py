@@ -62,9 +62,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from asyncpatch_jax import data as data_lib
 from asyncpatch_jax import diffusion, file_io, models, sampling, user_errors
+from asyncpatch_jax.train import builders, perf
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
-from asyncpatch_jax.train import perf
 from asyncpatch_jax.train import state as state_lib
 from asyncpatch_jax.train import step as step_lib
 from configs import base
@@ -252,7 +252,7 @@ def train_result(info: dict, t: dict, peak: float | None) -> dict:
 
 
 def build_model(config) -> nnx.Module:
-  return state_lib.build_model(config, state_lib.model_rngs(state_lib.init_key(config)))
+  return builders.build_model(config, builders.model_rngs(builders.init_key(config)))
 
 
 def asynchrony_cases(config, reps: int) -> dict:
@@ -305,7 +305,7 @@ def sampling_case(config, args, reps: int, forward_hom_s: float | None,
   model = build_model(config)
   split = nnx.split(model)
   b, s, c = int(config.data.batch_size), int(config.data.image_size), int(config.data.channels)
-  schedule = state_lib.make_schedule(config.diffusion)
+  schedule = builders.make_schedule(config.diffusion)
   num_classes = int(config.model.num_classes)
   labels = jnp.zeros((b,), jnp.int32) if num_classes > 0 else None
 

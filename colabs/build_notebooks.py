@@ -327,11 +327,12 @@ TRAIN_MD = md('''
 
 RESTORE = code('''
     from asyncpatch_jax import models
+    from asyncpatch_jax.train import builders
     from asyncpatch_jax.train import checkpoint as ckpt_lib
     from asyncpatch_jax.train import mesh as mesh_lib
     from asyncpatch_jax.train import optimizer as opt_lib
     from asyncpatch_jax.train import state as state_lib
-    from asyncpatch_jax.train.evaluate import ema_params_name
+    from asyncpatch_jax.train.restore import ema_params_name
     from asyncpatch_jax.train.samples import clip_x0
 
 
@@ -350,9 +351,9 @@ RESTORE = code('''
 
 
     model, restored, step = restore_model(config, WORKDIR)
-    schedule = state_lib.make_schedule(config.diffusion)
+    schedule = builders.make_schedule(config.diffusion)
     PATCH = int(config.diffusion.patch_size)
-    X_SHAPE = state_lib.data_shape(config)  # (8, 8, 1): one example
+    X_SHAPE = builders.data_shape(config)  # (8, 8, 1): one example
     NUM_CLASSES = int(config.model.num_classes)
 
 

@@ -142,7 +142,7 @@ def test_mode_eval_follows_the_protocol_exports_and_logs(tmp_path, monkeypatch):
 
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   from asyncpatch_jax import evaluation
-  from asyncpatch_jax.train import evaluate, trainer
+  from asyncpatch_jax.train import eval_job, trainer
   from configs import digits
 
   class TinyFeatures(nnx.Module):  # a stand-in for Inception: 64 features
@@ -166,7 +166,7 @@ def test_mode_eval_follows_the_protocol_exports_and_logs(tmp_path, monkeypatch):
   np.savez(reference, mu=np.zeros(64), sigma=np.eye(64))
   config.eval.fid_samples, config.eval.fid_batch_size = 6, 4
   config.eval.fid_reference, config.eval.fid_export = str(reference), True
-  results = evaluate.evaluate(config, workdir)
+  results = eval_job.evaluate(config, workdir)
   assert np.isfinite(results["eval/fid"]) and "eval/kid" not in results  # mu / sigma: FID only
   saved = json.loads((workdir / "eval_step_2.json").read_text())
   assert saved["protocol"] == {
@@ -182,4 +182,4 @@ def test_mode_eval_follows_the_protocol_exports_and_logs(tmp_path, monkeypatch):
   assert {"eval/fid", "eval/loss"} <= tags, tags
   config.eval.fid_reference = str(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
   with pytest.raises(FileNotFoundError, match="download"):  # before any work
-    evaluate.evaluate(config, workdir)
+    eval_job.evaluate(config, workdir)

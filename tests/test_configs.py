@@ -14,8 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from asyncpatch_jax.train import state as state_lib  # noqa: E402
-from asyncpatch_jax.train import validation  # noqa: E402
+from asyncpatch_jax.train import builders, validation  # noqa: E402
 from configs import (  # noqa: E402
   base,
   celeba_hq,
@@ -68,7 +67,7 @@ def test_dataset_configs_validate(name, variant, debug, tmp_path):
   if debug:
     assert config.num_steps <= 10 and config.data.batch_size <= 8
     assert config.model.channels <= 16 and config.model.get("dit_hidden_size") in (None, 32)
-    assert max(state_lib.data_shape(config)[:2]) <= 16  # pixels, or the latents of 32² images
+    assert max(builders.data_shape(config)[:2]) <= 16  # pixels, or the latents of 32² images
     validation.validate_topology(config)  # batch 8 on the 8 test devices
 
 
@@ -80,7 +79,7 @@ def test_dataset_configs_validate(name, variant, debug, tmp_path):
 ])
 def test_imagenet_variants(arg, source, model, shape):
   config = imagenet.get_config(arg)
-  assert (config.data.source, config.model.name, state_lib.data_shape(config)) == (
+  assert (config.data.source, config.model.name, builders.data_shape(config)) == (
       source, model, shape)
   assert config.data.batch_size == 256 and config.num_steps == 400_000
   assert config.optimizer.name == "adamw" and config.optimizer.learning_rate == 1e-4

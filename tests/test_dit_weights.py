@@ -29,6 +29,9 @@ from asyncpatch_jax import torch_pickle  # noqa: E402
 from asyncpatch_jax.diffusion.schedules import get_schedule  # noqa: E402
 from asyncpatch_jax.models import dit_weights, embeddings  # noqa: E402
 from asyncpatch_jax.models.dit import DiT  # noqa: E402
+from asyncpatch_jax.train import mesh as mesh_lib  # noqa: E402
+from asyncpatch_jax.train import optimizer as opt_lib  # noqa: E402
+from asyncpatch_jax.train import state as state_lib  # noqa: E402
 from asyncpatch_jax.train import trainer, validation  # noqa: E402
 from configs import imagenet  # noqa: E402
 
@@ -284,9 +287,9 @@ def test_init_from_trains_imagenet_debug_from_dit_weights(tmp_path):
   # The debug DiT: hidden 32, depth 2, 2 heads, patch 2 on 4×4×4 latents, 1000 classes.
   ema = _torch_dit(torch, hidden=32, depth=2, heads=2, patch=2, size=4, num_classes=1000)
   _save_like_train_py(torch, ema, config.init_from)
-  setup = trainer.state_lib.setup_state(
-      config, trainer.mesh_lib.make_mesh(config.mesh),
-      trainer.opt_lib.make_optimizer(config.optimizer, config.num_steps))
+  setup = state_lib.setup_state(
+      config, mesh_lib.make_mesh(config.mesh),
+      opt_lib.make_optimizer(config.optimizer, config.num_steps))
   start = trainer.start_from_dit(config, setup)
   abstract = setup.model_def.merge(setup.abstract.params, setup.abstract.model_state)
   imported, _ = dit_weights.dit_params(dit_weights.read_checkpoint(config.init_from), abstract)

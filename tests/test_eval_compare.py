@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import test_evaluate  # its config: the digits debug run with bits/dim along three paths
 
-from asyncpatch_jax.train import evaluate, trainer, validation
+from asyncpatch_jax.train import eval_job, trainer, validation
 
 
 def _config():
@@ -24,7 +24,7 @@ def test_eval_reports_standard_errors_and_paired_differences(tmp_path):
   config = _config()
   config.eval.compare_workdir = str(trained)
   config.eval.compare_step = 2
-  results = evaluate.evaluate(config, trained)
+  results = eval_job.evaluate(config, trained)
   for key in ("bpd", "bpd_raster"):
     mean, se = results[f"eval/{key}"], results[f"eval/{key}_se"]
     assert np.isfinite(mean) and 0 < se < mean, key
@@ -38,7 +38,7 @@ def test_eval_reports_standard_errors_and_paired_differences(tmp_path):
 
   # Compared with itself: the same x0, s and noise give exactly the same bounds.
   config.eval.compare_step = 0
-  same = evaluate.evaluate(config, trained)
+  same = eval_job.evaluate(config, trained)
   assert same["eval/bpd_diff"] == 0.0 and same["eval/bpd_diff_se"] == 0.0
   assert same["eval/bpd"] == results["eval/bpd"]
 
@@ -46,11 +46,11 @@ def test_eval_reports_standard_errors_and_paired_differences(tmp_path):
   # A compared run without checkpoints, or without the step asked for.
   config.eval.compare_workdir = str(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    evaluate.evaluate(config, trained)
+    eval_job.evaluate(config, trained)
   config.eval.compare_workdir = str(trained)
   config.eval.compare_step = 3
   with pytest.raises(FileNotFoundError, match="saved steps"):
-    evaluate.evaluate(config, trained)
+    eval_job.evaluate(config, trained)
 
 
 def test_compare_needs_bits_per_dim():

@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
 
 from asyncpatch_jax import evaluation  # noqa: E402
 from asyncpatch_jax.diffusion import paths as paths_lib  # noqa: E402
-from asyncpatch_jax.train import evaluate, trainer  # noqa: E402
+from asyncpatch_jax.train import eval_job, restore, trainer  # noqa: E402
 from configs import digits  # noqa: E402
 
 
@@ -39,19 +39,19 @@ def trained(tmp_path_factory):
 
 
 def test_path_names_and_paths():
-  assert evaluate.path_names(_config().eval) == ("homogeneous", "raster", "random")
+  assert eval_job.path_names(_config().eval) == ("homogeneous", "raster", "random")
   config = _config()
   config.eval.paths = "homogeneous, zigzag"
   with pytest.raises(ValueError, match="zigzag"):
-    evaluate.path_names(config.eval)
+    eval_job.path_names(config.eval)
   config.eval.paths = " , "
   with pytest.raises(ValueError, match=r"eval\.paths"):
-    evaluate.path_names(config.eval)
+    eval_job.path_names(config.eval)
   grid = (3, 2, 4)
-  for name in evaluate.PATHS:
-    path = evaluate.make_path(name, grid, jax.random.key(0))
+  for name in eval_job.PATHS:
+    path = eval_job.make_path(name, grid, jax.random.key(0))
     paths_lib.check_path(path, grid)
-  random = evaluate.make_path("random", grid, jax.random.key(0))
+  random = eval_job.make_path("random", grid, jax.random.key(0))
   levels = np.stack([random(jnp.full((3, 1, 1), s)) for s in np.linspace(0.05, 0.95, 19)])
   assert not np.array_equal(levels[:, 0], levels[:, 1])  # an order per example
 
@@ -81,7 +81,7 @@ def test_eval_mode_writes_bpd_per_path_and_fid(trained, monkeypatch, tmp_path):
   config.eval.fid_batch_size = 8
   config.eval.fid_split = "test"
   config.eval.fid_cache_dir = str(tmp_path / "cache")
-  results = evaluate.evaluate(config, trained)
+  results = eval_job.evaluate(config, trained)
   for key in ("eval/bpd", "eval/bpd_raster", "eval/bpd_random"):
     assert np.isfinite(results[key]) and results[key] > 0, key
   assert results["eval/bpd_raster"] != results["eval/bpd"]
@@ -97,7 +97,7 @@ def test_eval_mode_writes_bpd_per_path_and_fid(trained, monkeypatch, tmp_path):
   def no_data():
     raise AssertionError("the cached statistics were recomputed")
 
-  reference = evaluation.reference_statistics(evaluate.reference_name(config), no_data,
+  reference = evaluation.reference_statistics(eval_job.reference_name(config), no_data,
                                               Extractor(), config.eval.fid_cache_dir)
   assert reference.stats.count == 180 and cached.exists()
 
@@ -106,7 +106,7 @@ def test_eval_rejects_bad_paths_before_work(trained):
   config = _config()
   config.eval.paths = "spiral"
   with pytest.raises(ValueError, match="spiral"):
-    evaluate.evaluate(config, trained)
+    eval_job.evaluate(config, trained)
 
 
 def test_sample_and_eval_skip_a_damaged_latest_checkpoint(trained, tmp_path, caplog):
@@ -121,6 +121,6 @@ def test_sample_and_eval_skip_a_damaged_latest_checkpoint(trained, tmp_path, cap
   for data_file in (workdir / "checkpoints" / "4" / "state").rglob("d/*"):  # every array file
     data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
   with caplog.at_level("WARNING"):
-    *_, step = trainer.restore_latest(config, workdir)
+    *_, step = restore.restore_latest(config, workdir)
   assert step == 2 and "step 4" in caplog.text
   assert (workdir / "checkpoints" / "4").exists()  # nothing moved in a read-only mode

@@ -19,6 +19,7 @@ from asyncpatch_jax import data as data_lib  # noqa: E402
 from asyncpatch_jax.autoencoder import VAEConfig, init_vae, save_vae  # noqa: E402
 from asyncpatch_jax.data import latent_cache  # noqa: E402
 from asyncpatch_jax.latents.encode import build_latent_cache, make_source  # noqa: E402
+from asyncpatch_jax.train import restore as restore_lib  # noqa: E402
 from asyncpatch_jax.train import samples as samples_lib  # noqa: E402
 from asyncpatch_jax.train import trainer, validation  # noqa: E402
 from configs import imagenet  # noqa: E402
@@ -71,7 +72,7 @@ def test_debug_config_trains_checkpoints_and_decodes_samples(prepared):
     assert grid.mode == "RGB" and grid.size[0] >= 2 * size
 
   # The checkpoint, restored in a fresh set-up, samples latents and decodes them to pixels.
-  _, _, setup, restored, step = trainer.restore_latest(config, workdir)
+  _, _, setup, restored, step = restore_lib.restore_latest(config, workdir)
   assert step == 4
   out_dir = root / "sampled"
   out_dir.mkdir()
@@ -166,7 +167,7 @@ def test_eval_mode_fid_decodes_latents_against_the_encoded_images(prepared, monk
   from flax import nnx
 
   from asyncpatch_jax import evaluation
-  from asyncpatch_jax.train import evaluate
+  from asyncpatch_jax.train import eval_job
 
   config, root = prepared
   config = config.copy_and_resolve_references()
@@ -192,7 +193,7 @@ def test_eval_mode_fid_decodes_latents_against_the_encoded_images(prepared, monk
   config.eval.fid_samples, config.eval.fid_batch_size = 6, 4
   config.eval.fid_split = "validation"
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    results = evaluate.evaluate(config, workdir)
+    results = eval_job.evaluate(config, workdir)
   assert results["eval/num_samples"] == 6 and np.isfinite(results["eval/fid"])
   assert all(shape[1:] == (299, 299, 3) for shape in seen)
   cached = list((workdir / "fid_cache").iterdir())

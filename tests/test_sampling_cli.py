@@ -20,7 +20,7 @@ from test_visualize import assert_not_constant, read_grid
 from asyncpatch_jax import pixels
 from asyncpatch_jax.diffusion import Prediction, get_schedule
 from asyncpatch_jax.sampling import masks, sample
-from asyncpatch_jax.sampling.cli import write_outputs
+from asyncpatch_jax.train.sample_io import write_outputs
 
 
 def _run(**kwargs):
@@ -60,7 +60,7 @@ def test_writes_grid_npz_settings_and_gif(tmp_path):
   inputs = read_grid(out / "inputs.png", 4, (8, 8, 3))
   known_pixels = np.repeat(np.repeat(known_mask, 2, axis=1), 2, axis=2)[..., None]
   np.testing.assert_array_equal(inputs, np.where(known_pixels, pixels.to_uint8(known), 128))
-  assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+  assert not [f for f in os.listdir(out) if f.startswith(".")]  # file_io temporaries
 
 
 def test_non_image_samples_skip_the_png_and_odd_settings_are_recorded(tmp_path):
@@ -82,7 +82,7 @@ def test_a_failure_leaves_no_partial_files(tmp_path, monkeypatch):
   with pytest.raises(OSError):
     write_outputs(np.zeros((1, 4, 4, 1)), {"nfe": 1}, {}, tmp_path)
   assert (tmp_path / "samples.npz").read_bytes() == b"previous run"
-  assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+  assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # file_io temporaries
 
 
 # --- main.py --mode=sample / --mode=inpaint on a tiny trained checkpoint ---------------------
@@ -126,14 +126,14 @@ def workdir(tmp_path_factory):
   from asyncpatch_jax.train import mesh as mesh_lib
   from asyncpatch_jax.train import optimizer as opt_lib
   from asyncpatch_jax.train import state as state_lib
-  from asyncpatch_jax.train import trainer
+  from asyncpatch_jax.train import workdir as workdir_lib
 
   path = tmp_path_factory.mktemp("run")
   config = _config()
   setup = state_lib.setup_state(config, mesh_lib.make_mesh(config.mesh),
                                 opt_lib.make_optimizer(config.optimizer, config.num_steps))
   state = setup.init(config)
-  trainer.write_config(config, path)
+  workdir_lib.write_config(config, path)
   checkpointer = ckpt_lib.Checkpointer(path / "checkpoints", config.checkpoint)
   for step in (1, 2):
     state = state.replace(step=jnp.int32(step),
@@ -148,11 +148,11 @@ def _files(folder):
 
 
 def test_sample_mode_writes_a_fresh_folder_in_batches(workdir, tmp_path):
-  from asyncpatch_jax.train import sample_cli
+  from asyncpatch_jax.train import sample_job
 
   config = _config(num_samples=5, batch_size=2, num_steps=3, output_dir=str(tmp_path))
-  first = sample_cli.sample_from_checkpoint(config, workdir)
-  second = sample_cli.sample_from_checkpoint(config, workdir)
+  first = sample_job.sample_from_checkpoint(config, workdir)
+  second = sample_job.sample_from_checkpoint(config, workdir)
   assert first["folder"] != second["folder"] and first["step"] == 2
   assert _files(tmp_path) == sorted([first["folder"].name, second["folder"].name])
   assert _files(first["folder"]) == ["samples.npz", "samples.png", "settings.json"]
@@ -174,11 +174,11 @@ def test_sample_mode_writes_a_fresh_folder_in_batches(workdir, tmp_path):
 
 def test_named_step_and_level_gif_for_autoregressive(workdir, tmp_path):
   from asyncpatch_jax.sampling import make_plan
-  from asyncpatch_jax.train import sample_cli
+  from asyncpatch_jax.train import sample_job
 
   config = _config(checkpoint_step=1, strategy="autoregressive", num_steps=8,
                    strategy_options="group_shape=4,overlap=0.0", output_dir=str(tmp_path))
-  out = sample_cli.sample_from_checkpoint(config, workdir)
+  out = sample_job.sample_from_checkpoint(config, workdir)
   assert out["step"] == 1 and "step00000001_autoregressive" in out["folder"].name
   plan = make_plan("autoregressive", (8, 8), 8, schedule="cosine", group_shape=4, overlap=0.0)
   record = json.loads((out["folder"] / "settings.json").read_text())
@@ -188,7 +188,7 @@ def test_named_step_and_level_gif_for_autoregressive(workdir, tmp_path):
     assert im.n_frames == 9
   config.sampling.checkpoint_step = 7
   with pytest.raises(FileNotFoundError, match=r"step 7 .*saved steps are \[1, 2\]"):
-    sample_cli.sample_from_checkpoint(config, workdir)
+    sample_job.sample_from_checkpoint(config, workdir)
 
 
 def _write_png(path, array):
@@ -210,12 +210,12 @@ def digit_files(tmp_path):
 
 
 def test_inpaint_mode_keeps_known_pixels_bit_exact(workdir, tmp_path, digit_files):
-  from asyncpatch_jax.train import sample_cli
+  from asyncpatch_jax.train import sample_job
 
   images, folder, mask_png = digit_files
   config = _config(image=folder, mask=mask_png, batch_size=2, num_steps=3,
                    output_dir=str(tmp_path / "out"))
-  out = sample_cli.inpaint_from_checkpoint(config, workdir)
+  out = sample_job.inpaint_from_checkpoint(config, workdir)
   assert _files(out["folder"]) == ["inputs.png", "samples.npz", "samples.png", "settings.json"]
   known = images[..., None].astype(np.float32) * (2.0 / 255.0) - 1.0
   with np.load(out["folder"] / "samples.npz") as data:
@@ -237,23 +237,23 @@ def test_inpaint_mode_keeps_known_pixels_bit_exact(workdir, tmp_path, digit_file
 
 def test_inpaint_everything_known_returns_the_images_and_nothing_known_is_an_error(
     workdir, tmp_path, digit_files):
-  from asyncpatch_jax.train import sample_cli
+  from asyncpatch_jax.train import sample_job
 
   images, folder, _ = digit_files
   white = _write_png(tmp_path / "white.png", np.full((8, 8), 255))
   config = _config(image=folder, mask=white, batch_size=2, num_steps=3,
                    output_dir=str(tmp_path / "out"))
-  out = sample_cli.inpaint_from_checkpoint(config, workdir)
+  out = sample_job.inpaint_from_checkpoint(config, workdir)
   np.testing.assert_array_equal(out["samples"][..., 0],
                                 images.astype(np.float32) * (2.0 / 255.0) - 1.0)
   assert out["info"]["nfe"] == 0
   config.sampling.mask_invert = True  # white = hole: nothing known
   with pytest.raises(ValueError, match="marks nothing as known"):
-    sample_cli.inpaint_from_checkpoint(config, workdir)
+    sample_job.inpaint_from_checkpoint(config, workdir)
 
 
 def test_inpaint_bad_inputs_are_clear_errors(tmp_path, digit_files):
-  from asyncpatch_jax.train import sample_cli
+  from asyncpatch_jax.train import sample_job
 
   _, folder, mask_png = digit_files
   # All of these fail before the checkpoint is read (the workdir does not exist).
@@ -271,22 +271,22 @@ def test_inpaint_bad_inputs_are_clear_errors(tmp_path, digit_files):
   ]
   for fields, message in cases:
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-      sample_cli.inpaint_from_checkpoint(_config(**fields), tmp_path / "missing")
+      sample_job.inpaint_from_checkpoint(_config(**fields), tmp_path / "missing")
   assert not (tmp_path / "missing").exists()
 
 
 def test_missing_checkpoint_and_different_model_config_are_clear_errors(workdir, tmp_path):
-  from asyncpatch_jax.train import sample_cli
+  from asyncpatch_jax.train import sample_job
 
   with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*train first"):
-    sample_cli.sample_from_checkpoint(_config(), tmp_path / "empty")
+    sample_job.sample_from_checkpoint(_config(), tmp_path / "empty")
   assert not (tmp_path / "empty").exists()
   config = _config(output_dir=str(tmp_path))
   config.model.channels = 32
   config.diffusion.patch_size = 2
   with pytest.raises(ValueError, match=r"different model config \(diffusion.patch_size: 1 in "
                      r"the checkpoint, 2 now; model.channels: 16 in the checkpoint, 32 now\)"):
-    sample_cli.sample_from_checkpoint(config, workdir)
+    sample_job.sample_from_checkpoint(config, workdir)
   assert _files(tmp_path) == []
 
 
@@ -323,7 +323,7 @@ def test_config_differences_ignore_sampling_and_training_only_fields():
 
 
 def test_parse_options():
-  from asyncpatch_jax.sampling.cli import parse_options
+  from asyncpatch_jax.train.sample_io import parse_options
 
   assert parse_options("") == {}
   assert parse_options("rule=quantile, speedup=3,quantile=0.25,x=True") == {

@@ -16,9 +16,8 @@ if str(ROOT) not in sys.path:
 
 from asyncpatch_jax import data as data_lib  # noqa: E402
 from asyncpatch_jax.data import sources  # noqa: E402
+from asyncpatch_jax.train import builders, trainer, validation  # noqa: E402
 from asyncpatch_jax.train import mesh as mesh_lib  # noqa: E402
-from asyncpatch_jax.train import state as state_lib  # noqa: E402
-from asyncpatch_jax.train import trainer, validation  # noqa: E402
 from configs import cifar10, imagenet, lsun  # noqa: E402
 
 
@@ -44,14 +43,14 @@ def test_pixel_and_latent_shapes_and_labels():
   validation.validate_config(pixels)
   record = data_lib.get_source(pixels.data, "train")[0]
   assert record["image"].dtype == np.uint8 and record["image"].shape == (16, 16, 3)
-  assert state_lib.data_shape(pixels) == (16, 16, 3)
+  assert builders.data_shape(pixels) == (16, 16, 3)
 
   latents = _synthetic(imagenet.get_config("debug"))  # a tiny VAE: 32² pixels → 4×4×4
   validation.validate_config(latents)  # no VAE file, no latent cache needed
   source = data_lib.get_source(latents.data, "train")
   assert data_lib.latent_data(latents.data) and source.latents
   image = source[0]["image"]
-  assert image.dtype == np.float32 and image.shape == (4, 4, 4) == state_lib.data_shape(latents)
+  assert image.dtype == np.float32 and image.shape == (4, 4, 4) == builders.data_shape(latents)
   labels = np.array([source[i]["label"] for i in range(2000)])
   assert labels.min() >= 0 and labels.max() < 1000 and len(np.unique(labels)) > 500
   assert abs(np.stack([source[i]["image"] for i in range(64)]).std() - 1.0) < 0.1
@@ -62,9 +61,9 @@ def test_pixel_and_latent_shapes_and_labels():
   assert source.latents and {source[i]["label"] for i in range(32)} == {0}
 
   sd = _synthetic(imagenet.get_config())  # the real DiT-XL/2 config: SD latents of 256² images
-  assert state_lib.data_shape(sd) == (32, 32, 4)
+  assert builders.data_shape(sd) == (32, 32, 4)
   pixel64 = _synthetic(imagenet.get_config("pixel64"))
-  assert not data_lib.latent_data(pixel64.data) and state_lib.data_shape(pixel64) == (64, 64, 3)
+  assert not data_lib.latent_data(pixel64.data) and builders.data_shape(pixel64) == (64, 64, 3)
 
 
 def test_pipeline_batches_resume_exactly():

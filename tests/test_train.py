@@ -330,11 +330,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(uninterrupted,
 
 
 def test_sample_and_eval_modes_read_the_checkpoint(uninterrupted):
-  from asyncpatch_jax.train import evaluate, sample_cli
+  from asyncpatch_jax.train import eval_job, sample_job
 
   workdir, _, _ = uninterrupted
   config = _e2e_config()
-  arrays = sample_cli.sample_from_checkpoint(config, workdir)  # more: test_sampling_cli.py
+  arrays = sample_job.sample_from_checkpoint(config, workdir)  # more: test_sampling_cli.py
   n = config.sampling.num_samples
   assert arrays["samples"].shape == (n, 8, 8, 1) and np.isfinite(arrays["samples"]).all()
   assert arrays["step"] == 4 and arrays["folder"].parent == workdir / "samples"
@@ -342,7 +342,7 @@ def test_sample_and_eval_modes_read_the_checkpoint(uninterrupted):
     np.testing.assert_array_equal(saved["samples"], arrays["samples"])
 
   config.eval.elbo_steps = 2
-  results = evaluate.evaluate(config, workdir)
+  results = eval_job.evaluate(config, workdir)
   assert results["step"] == 4
   assert np.isfinite(results["eval/loss"]) and np.isfinite(results["eval/bpd"])
   assert results["eval/bpd"] > 0  # a negative bits/dim would mean a broken bound

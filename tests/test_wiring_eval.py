@@ -25,11 +25,12 @@ if str(ROOT) not in sys.path:
 from asyncpatch_jax import models  # noqa: E402
 from asyncpatch_jax.data import pipeline, sources  # noqa: E402
 from asyncpatch_jax.diffusion import elbo, level_samplers, paths  # noqa: E402
+from asyncpatch_jax.train import builders, eval_job, restore  # noqa: E402
 from asyncpatch_jax.train import checkpoint as ckpt_lib  # noqa: E402
-from asyncpatch_jax.train import evaluate, trainer  # noqa: E402
 from asyncpatch_jax.train import mesh as mesh_lib  # noqa: E402
 from asyncpatch_jax.train import optimizer as opt_lib  # noqa: E402
 from asyncpatch_jax.train import state as state_lib  # noqa: E402
+from asyncpatch_jax.train import workdir as workdir_lib  # noqa: E402
 from configs import digits  # noqa: E402
 
 BATCH = 8
@@ -53,13 +54,13 @@ def _save_checkpoint(config, workdir):
   setup = state_lib.setup_state(config, mesh_lib.make_mesh(config.mesh),
                                 opt_lib.make_optimizer(config.optimizer, config.num_steps))
   state = setup.init(config)
-  name = evaluate.ema_params_name(config)
+  name = restore.ema_params_name(config)
   leaves, treedef = jax.tree.flatten(state.ema[name])
   keys = jax.random.split(jax.random.key(7), len(leaves))
   moved = [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
   state = state.replace(step=jnp.int32(3),
                         ema={name: jax.tree.unflatten(treedef, moved)})
-  trainer.write_config(config, workdir)
+  workdir_lib.write_config(config, workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
   checkpointer.save(3, state, None, config)
   checkpointer.close()
@@ -75,11 +76,11 @@ def _restored_ema(config, workdir):
                                        read_only=True)
   state = checkpointer.restore(None, setup.abstract)
   checkpointer.close()
-  return setup, state.ema[evaluate.ema_params_name(config)], state.model_state
+  return setup, state.ema[restore.ema_params_name(config)], state.model_state
 
 
 def _by_hand(config, setup, ema, model_state):
-  schedule = state_lib.make_schedule(config.diffusion)
+  schedule = builders.make_schedule(config.diffusion)
   sampler = level_samplers.from_config(config.diffusion.level_sampler)
   root = jax.random.fold_in(jax.random.key(int(config.seed)), 0xE7A1)
 
@@ -119,7 +120,7 @@ def _by_hand(config, setup, ema, model_state):
 def test_eval_mode_loss_and_bpd_equal_the_restored_ema_recomputed_by_hand(tmp_path):
   config = _config()
   _save_checkpoint(config, tmp_path)
-  results = evaluate.evaluate(_config(), tmp_path)
+  results = eval_job.evaluate(_config(), tmp_path)
   assert results["step"] == 3
   setup, ema, model_state = _restored_ema(config, tmp_path)
   loss, bpd = _by_hand(config, setup, ema, model_state)

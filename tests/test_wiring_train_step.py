@@ -4,7 +4,7 @@ reaches the loss (issue 25).
 
 The toy network is linear in its inputs with a label embedding (so labels change the gradient) and
 counts its calls in a non-parameter variable (so a lost `model_state` shows). It replaces
-`state.build_model`, so everything else (level maps, corruption, loss, keys, optimizer) is the
+`builders.build_model`, so everything else (level maps, corruption, loss, keys, optimizer) is the
 real step. The optimizer is SGD with learning rate 1, so `params_after = params − gradient`.
 """
 
@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
 
 from asyncpatch_jax.data import sources  # noqa: E402
 from asyncpatch_jax.models.common import ModelOutput  # noqa: E402
+from asyncpatch_jax.train import builders  # noqa: E402
 from asyncpatch_jax.train import mesh as mesh_lib  # noqa: E402
 from asyncpatch_jax.train import state as state_lib  # noqa: E402
 from asyncpatch_jax.train import step as step_lib  # noqa: E402
@@ -54,7 +55,7 @@ class ToyNet(nnx.Module):
 
 @pytest.fixture
 def toy_net(monkeypatch):
-  monkeypatch.setattr(state_lib, "build_model",
+  monkeypatch.setattr(builders, "build_model",
                       lambda config, rngs: ToyNet(int(config.data.channels), rngs))
 
 
@@ -104,7 +105,7 @@ def test_grad_accumulation_equals_the_mean_of_k_microbatch_gradients(toy_net):
   state = setup.init(config)
   params = jax.tree.map(np.asarray, state.params)
   batch = _batch()
-  key = jax.random.fold_in(state_lib.train_rng_root(config), 0)  # step 0
+  key = jax.random.fold_in(builders.train_rng_root(config), 0)  # step 0
   losses, grads = zip(*(_grad(config, setup, params, state.model_state,
                               jax.tree.map(lambda x, i=i: x[i::k], batch),
                               jax.random.fold_in(key, i)) for i in range(k)))
@@ -158,7 +159,7 @@ def test_label_dropout_zero_trains_on_the_eval_branch_loss(toy_net):
   state = setup.init(config)
   params = jax.tree.map(np.asarray, state.params)
   batch = _batch()
-  key = jax.random.fold_in(state_lib.train_rng_root(config), 0)
+  key = jax.random.fold_in(builders.train_rng_root(config), 0)
   loss, grad = _grad(config, setup, params, state.model_state, batch, key, train=False)
   new_state, metrics = train_step(state, batch)
   _assert_trees_close(new_state.params, jax.tree.map(lambda p, g: p - g, params, grad))

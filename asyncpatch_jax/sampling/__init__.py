@@ -7,7 +7,7 @@ the next (`updates.py`). `sample` is the entry point; `outpaint` slides it over 
 `masks` builds token-level known masks; `analytic.GaussianDenoiser` is the exact reference.
 """
 
-from asyncpatch_jax.sampling import analytic, cli, masks
+from asyncpatch_jax.sampling import analytic, masks
 from asyncpatch_jax.sampling.adaptive import (
     ADAPTIVE_RULES,
     BudgetPlan,
@@ -49,7 +49,6 @@ __all__ = [
     "autoregressive_levels",
     "autoregressive_num_steps",
     "certainty_ratio",
-    "cli",
     "ddim_step",
     "heun_step",
     "input_guided",

@@ -1,4 +1,8 @@
-"""The training system: state, optimizer, mesh and shardings, checkpoints, the loop.
+"""The training system and the jobs on its checkpoints, in import order (each module imports only
+modules before it): `builders` (what a config builds), `mesh`, `optimizer`, `file_paths`,
+`sample_io` (sampling outputs, PIL inputs), `state`, `step`, `checkpoint`, `perf`, `validation`,
+`workdir` (input checks, config.json), `restore`, `samples` (grids, the sampling function),
+`eval_job` (--mode=eval), `sample_job` (--mode=sample / inpaint), `trainer` (--mode=train).
 
 The names below load on first use (PEP 562), so importing one submodule (e.g. `train.step` in a
 benchmark) does not import the trainer and, through CLU's metric writers, TensorFlow.
@@ -12,7 +16,7 @@ _EXPORTS = {
     "NonFiniteError": "trainer",
     "StateSetup": "state",
     "TrainState": "state",
-    "prepare": "trainer",
+    "prepare": "workdir",
     "setup_state": "state",
     "train_and_evaluate": "trainer",
     "validate_config": "validation",

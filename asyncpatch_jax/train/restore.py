@@ -1,11 +1,12 @@
-"""A trained network back from its workdir: the checkpoint's config check and `restore_model`.
+"""A trained network back from its workdir: `restore_latest`, `restore_params`, `restore_model`.
 
 A checkpoint holds the train state of one config. Reading it with another config either fails
 deep inside Orbax (a parameter of another shape, another tree) or, worse, succeeds and means
 something else (another parametrisation, schedule or patch size). `check_compatible` compares
 the config saved with the checkpoint against the current one on the fields that fix the
 parameters and their meaning (`MODEL_FIELDS`) and names every difference; everything else
-(sampling, data pipeline, learning rate, batch size, …) may differ freely.
+(sampling, data pipeline, learning rate, batch size, …) may differ freely. The sample,
+inpaint and eval jobs (and notebooks) restore through here, read-only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from typing import Any, NamedTuple
 from etils import epath
 from flax import nnx
 
+from asyncpatch_jax.train import checkpoint as ckpt_lib
 from asyncpatch_jax.train import optimizer as opt_lib
+from asyncpatch_jax.train import state as state_lib
+from asyncpatch_jax.train import workdir as workdir_lib
 
 # The parameters' shapes and meaning, and the train state's tree (EMAs, optimizer chain).
 MODEL_FIELDS = ("model", "data.image_size", "data.channels", "diffusion.patch_size",
@@ -26,6 +30,11 @@ MODEL_FIELDS = ("model", "data.image_size", "data.channels", "diffusion.patch_si
 FREE_MODEL_FIELDS = ("dropout", "label_dropout", "level_slots", "dtype", "attention_impl",
                      "remat", "kernels")
 RAW_PARAMS = "params"
+
+
+def ema_params_name(config: Any) -> str:
+  """The EMA used for evaluation and samples: `sampling.ema`, or the first configured decay."""
+  return config.sampling.ema or opt_lib.ema_name(config.optimizer.ema_decays[0])
 
 
 def _as_dict(config: Any) -> dict[str, Any]:
@@ -93,12 +102,58 @@ def check_compatible(saved: Mapping[str, Any], config: Any, where: str) -> None:
         f"sampling settings may differ freely")
 
 
+def restore_latest(config: Any, workdir: Any, step: int | None = None
+                   ) -> tuple[epath.Path, Any, state_lib.StateSetup, state_lib.TrainState, int]:
+  """The checks of `workdir.prepare`, then checkpoint `step` (None: the latest) restored onto the
+  mesh (read-only), after checking that it was trained with this config's model
+  (`check_compatible`).
+
+  Returns `(workdir, batch_sharding, setup, state, step)`; shared by --mode=sample, inpaint and
+  eval. A missing checkpoint, or a `step` that was not saved, is a FileNotFoundError that lists
+  the saved steps; without `step`, damaged newer checkpoints are skipped with a warning.
+  """
+  directory = epath.Path(workdir) / "checkpoints"
+  if not str(workdir) or not directory.exists():
+    raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train) or pass "
+                            f"the training run's --workdir")
+  workdir, mesh, batch_sharding = workdir_lib.prepare(config, workdir)
+  setup = state_lib.setup_state(config, mesh,
+                                opt_lib.make_optimizer(config.optimizer, int(config.num_steps)))
+  checkpointer = ckpt_lib.Checkpointer(directory, config.checkpoint, read_only=True)
+  try:
+    saved = checkpointer.all_steps()
+    if not saved:
+      raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train)")
+    if step is None:
+      # The newest checkpoint that restores: a damaged latest one is skipped with a warning (and
+      # left where it is: read-only), as when training resumes.
+      try:
+        saved_config = checkpointer.restore_config(checkpointer.latest_step())
+      except Exception:  # a damaged config item: the compatibility check uses the step restored
+        saved_config = None
+      if saved_config is not None:
+        check_compatible(saved_config, config, str(directory))
+      state, step = checkpointer.restore_latest_good(setup.abstract)
+      if saved_config is None:
+        check_compatible(checkpointer.restore_config(step), config, str(directory))
+    else:
+      if int(step) not in saved:
+        raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; the saved steps "
+                                f"are {sorted(saved)}")
+      step = int(step)
+      check_compatible(checkpointer.restore_config(step), config, str(directory))
+      state = checkpointer.restore(step, setup.abstract)
+  finally:
+    checkpointer.close()
+  return workdir, batch_sharding, setup, state, step
+
+
 class Restored(NamedTuple):
   """A checkpoint read for sampling: the parameters chosen by `ema` and what goes with them."""
 
   workdir: epath.Path
-  setup: Any             # state.StateSetup: the model definition and the mesh
-  params: nnx.State      # the EMA (or raw) parameters
+  setup: state_lib.StateSetup  # the model definition and the mesh
+  params: nnx.State  # the EMA (or raw) parameters
   model_state: nnx.State
   step: int
   ema: str
@@ -108,15 +163,12 @@ def restore_params(config: Any, workdir: str | epath.Path, step: int | None = No
                    ema: str | None = None) -> Restored:
   """Checkpoint `step` (None: the latest) of `workdir`, checked against `config`, with the
   parameters of `ema` (see `restore_model`)."""
-  from asyncpatch_jax.train import trainer  # restore_latest; trainer imports this module
-  from asyncpatch_jax.train.evaluate import ema_params_name
-
   name = ema_params_name(config) if ema is None else ema
   names = opt_lib.ema_names(config.optimizer.ema_decays)  # the checkpoint's, once checked
   if name != RAW_PARAMS and name not in names:
     raise ValueError(f"no EMA {name!r} in the checkpoint; it has {list(names)} (or "
                      f"{RAW_PARAMS!r} for the raw parameters)")
-  workdir, _, setup, state, step = trainer.restore_latest(config, workdir, step=step)
+  workdir, _, setup, state, step = restore_latest(config, workdir, step=step)
   params = state.params if name == RAW_PARAMS else state.ema[name]
   return Restored(workdir, setup, params, state.model_state, step, name)
 

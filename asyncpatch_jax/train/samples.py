@@ -26,7 +26,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from asyncpatch_jax import data as data_lib
-from asyncpatch_jax import diffusion, models, sampling, visualize
+from asyncpatch_jax import diffusion, models, pixels, rng_streams, sampling, visualize
+from asyncpatch_jax.autoencoder import named as named_vae
+from asyncpatch_jax.data import latent_cache, preparation
+from asyncpatch_jax.train import builders, sample_io
+from asyncpatch_jax.train import restore as restore_lib
 from asyncpatch_jax.train import state as state_lib
 
 
@@ -54,15 +58,13 @@ def make_decoder(config: Any) -> Callable[[Any], np.ndarray] | None:
   """
   if not data_lib.latent_data(config.data):
     return None
-  from asyncpatch_jax.latents import cache, prepare
-
   if config.data.source == "synthetic" and not config.vae.weights:
     logging.info("No vae.weights: sample grids show the first three latent channels")
     return lambda latents: np.clip(np.asarray(latents, np.float32)[..., :3] / 3.0, -1.0, 1.0)
-  vae = prepare.load_run_vae(config)
+  vae = named_vae.load_run_vae(config)
   if config.data.source == "latents":
-    train_cache = prepare.cache_dir(config.data, config.data.train_split)
-    cache.check_metadata(cache.read_metadata(train_cache), vae=vae,
+    train_cache = preparation.cache_dir(config.data, config.data.train_split)
+    latent_cache.check_metadata(latent_cache.read_metadata(train_cache), vae=vae,
                          image_size=int(config.data.image_size), where=repr(train_cache))
   graphdef, params = nnx.split(vae)
   decode = jax.jit(lambda params, z: jnp.clip(
@@ -95,12 +97,12 @@ def make_sample_fn(config: Any, setup: state_lib.StateSetup, num: int, *, inpain
   `guidance` (ω) and `cfg_scale` default to `config.sampling`'s; passed as arrays they are
   traced, so one compiled program serves every value.
   """
-  schedule = state_lib.make_schedule(config.diffusion)
+  schedule = builders.make_schedule(config.diffusion)
   patch = int(config.diffusion.patch_size)
   num_classes = int(config.model.num_classes)
   scfg = config.sampling
-  x_shape = (num, *state_lib.data_shape(config))
-  options = sampling.cli.parse_options(scfg.strategy_options)
+  x_shape = (num, *builders.data_shape(config))
+  options = sample_io.parse_options(scfg.strategy_options)
   levels = return_info and scfg.strategy in ("adaptive", "autoregressive")
   latents = data_lib.latent_data(config.data)
 
@@ -137,50 +139,48 @@ class SampleWriter:
 
   def __init__(self, config: Any, setup: state_lib.StateSetup, workdir: epath.Path,
                writer: Any | None = None):
-    from asyncpatch_jax.train.evaluate import ema_params_name
-
     self.config, self.workdir, self.writer = config, epath.Path(workdir), writer
-    self.ema = ema_params_name(config)
+    self.ema = restore_lib.ema_params_name(config)
     n = int(config.sampling.num_samples)
     self.num_inpaint = int(config.sampling.num_inpaint)
     self._known = None
     self._decode = make_decoder(config)  # latent runs: load the VAE first (a missing file)
     if self.num_inpaint > 0:  # host-side set-up first: a bad split fails before any jit
-      grid = diffusion.token_grid((1, *state_lib.data_shape(config)),
+      grid = diffusion.token_grid((1, *builders.data_shape(config)),
                                   int(config.diffusion.patch_size))[1:]
       self._mask = sampling.masks.make_mask(config.sampling.inpaint_mask, self.num_inpaint,
                                             grid, seed=int(config.seed))
       images, self._labels = data_lib.reference_images(config.data, self.num_inpaint)
-      self._known = (images.astype(np.float32) * (2.0 / 255.0) - 1.0 if images.dtype == np.uint8
+      self._known = (pixels.to_model_range(images) if images.dtype == np.uint8
                      else images.astype(np.float32))  # latents are the model's data already
     self._sample = make_sample_fn(config, setup, n, inpaint=False)
     self._inpaint = (make_sample_fn(config, setup, self.num_inpaint, inpaint=True)
                      if self.num_inpaint > 0 else None)
-    self._root = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5A31E)
+    self._root = rng_streams.root_key(config.seed, rng_streams.Stream.SAMPLE_GRIDS)
 
   def __call__(self, state: state_lib.TrainState, step: int) -> dict[str, np.ndarray]:
     """Samples at `step`; returns the images in [-1, 1] (for tests and notebooks)."""
     params = state.ema[self.ema]
     key = jax.random.fold_in(self._root, step)
-    pixels = self._decode or np.asarray
-    out = {"samples": pixels(self._sample(params, state.model_state, key))}
+    to_images = self._decode or np.asarray  # latent runs decode, pixel runs are images
+    out = {"samples": to_images(self._sample(params, state.model_state, key))}
     classes = int(self.config.model.num_classes)
     nrow = {"samples": classes if 0 < classes <= 16 else None}  # a column per class
     if self._inpaint is not None:
       done = np.asarray(self._inpaint(params, state.model_state, jax.random.fold_in(key, 1),
                                       jnp.asarray(self._known), jnp.asarray(self._mask),
                                       jnp.asarray(self._labels)))
-      original = pixels(self._known)
+      original = to_images(self._known)
       context = visualize.masked_images(original, self._mask)
       # Rows: the known context (unknown tokens grey), the completion, the original.
-      out["inpaint"] = np.concatenate([context, pixels(done), original], axis=0)
+      out["inpaint"] = np.concatenate([context, to_images(done), original], axis=0)
       nrow["inpaint"] = self.num_inpaint
     if jax.process_index() == 0:
       for name, images in out.items():
         for suffix in (f"{step:08d}", "latest"):
           visualize.save_image_grid(images, self.workdir / f"{name}_{suffix}.png", nrow[name])
         if self.writer is not None:
-          grid = visualize.make_grid(visualize.to_uint8(images), nrow[name])
+          grid = visualize.make_grid(pixels.to_uint8(images), nrow[name])
           self.writer.write_images(step, {name: grid[None]})
       logging.info("Wrote sample grids for step %d to %s", step, self.workdir)
     return out

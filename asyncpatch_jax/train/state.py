@@ -3,6 +3,7 @@
 The network's NNX graph definition is static and kept apart (`ModelDef`); the state holds only
 arrays, so it can be jitted, donated, sharded and checkpointed as one pytree. RNG streams the
 network may keep (dropout) are not state: every step reseeds them from the run's one RNG root.
+What the config builds (schedule, example shape, network, RNG roots) is `train/builders.py`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from asyncpatch_jax import diffusion, models
-from asyncpatch_jax.data import sources as data_sources
+from asyncpatch_jax.train import builders
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
 
@@ -68,41 +68,17 @@ class ModelDef:
     return jax.tree.unflatten(treedef, out)
 
 
-def make_schedule(diffusion_config: Any) -> diffusion.Schedule:
-  return diffusion.get_schedule(diffusion_config.schedule,
-                                log_snr_min=diffusion_config.log_snr_min,
-                                log_snr_max=diffusion_config.log_snr_max)
-
-
-def data_shape(config: Any) -> tuple[int, int, int]:
-  """The shape of one example the network sees: the image, or its VAE latent (`[H/8, W/8, 4]`
-  for the SD VAE) when the data are latents (`data.sources.latent_data`)."""
-  return data_sources.example_shape(config.data)
-
-
-def build_model(config: Any, rngs: nnx.Rngs) -> nnx.Module:
-  """The network for `config.model` on this config's data shape, level patch and schedule."""
-  return models.get_model(config.model, data_shape=data_shape(config),
-                          level_patch_size=int(config.diffusion.patch_size),
-                          schedule=make_schedule(config.diffusion), rngs=rngs)
-
-
 def split_model(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State, nnx.State]:
   """(graphdef, params, rng_state, model_state)."""
   graphdef, params, rng_state, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
   return graphdef, params, rng_state, model_state
 
 
-def model_rngs(key: jax.Array) -> nnx.Rngs:
-  """The streams a network is built with: 'params' for initialisation, 'dropout' for training."""
-  return nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 1))
-
-
 def _init_fn(config: Any, tx: optax.GradientTransformation):
   names = opt_lib.ema_names(config.optimizer.ema_decays)
 
   def init(key: jax.Array) -> tuple[TrainState, nnx.State]:
-    model = build_model(config, model_rngs(key))
+    model = builders.build_model(config, builders.model_rngs(key))
     _, params, rng_state, model_state = split_model(model)
     state = TrainState(
         step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
@@ -111,16 +87,6 @@ def _init_fn(config: Any, tx: optax.GradientTransformation):
     return state, rng_state
 
   return init
-
-
-def init_key(config: Any) -> jax.Array:
-  """The parameter-initialisation key: a fold of the run's one RNG root."""
-  return jax.random.fold_in(jax.random.key(int(config.seed)), 0x1A17)
-
-
-def train_rng_root(config: Any) -> jax.Array:
-  """The root of every training step's randomness (`fold_in(root, step)`)."""
-  return jax.random.fold_in(jax.random.key(int(config.seed)), 0x57E9)
 
 
 @dataclasses.dataclass
@@ -138,7 +104,8 @@ class StateSetup:
     init = _init_fn(config, self.tx)
     rng_sharding = jax.tree.map(lambda _: mesh_lib.replicated(self.mesh),
                                 self.model_def.rng_state)
-    state, _ = jax.jit(init, out_shardings=(self.shardings, rng_sharding))(init_key(config))
+    out_shardings = (self.shardings, rng_sharding)
+    state, _ = jax.jit(init, out_shardings=out_shardings)(builders.init_key(config))
     return state
 
 
@@ -149,11 +116,11 @@ def num_params(params: Any) -> int:
 def setup_state(config: Any, mesh: Mesh, tx: optax.GradientTransformation) -> StateSetup:
   """Abstract state via `eval_shape`, then shardings from the config's rules over it."""
   init = _init_fn(config, tx)
-  abstract, abstract_rng = jax.eval_shape(init, init_key(config))
+  abstract, abstract_rng = jax.eval_shape(init, builders.init_key(config))
   # The graph definition and the RNG template come from an abstract model (nothing allocated
   # but the small RNG keys, which are created for real so they can be reseeded).
   graphdef = nnx.graphdef(nnx.eval_shape(
-      lambda: build_model(config, model_rngs(init_key(config)))))
+      lambda: builders.build_model(config, builders.model_rngs(builders.init_key(config)))))
   rng_state = jax.tree.map(
       lambda s: jax.random.key(0) if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key)
       else jnp.zeros(s.shape, s.dtype), abstract_rng)

@@ -19,17 +19,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from asyncpatch_jax import diffusion, models
+from asyncpatch_jax import diffusion, models, pixels
+from asyncpatch_jax.data import sources as data_sources
 from asyncpatch_jax.diffusion import level_samplers
 from asyncpatch_jax.train import optimizer as opt_lib
+from asyncpatch_jax.train.builders import make_schedule, train_rng_root
 from asyncpatch_jax.train.mesh import BATCH_AXES
-from asyncpatch_jax.train.state import (
-    ModelDef,
-    StateSetup,
-    TrainState,
-    make_schedule,
-    train_rng_root,
-)
+from asyncpatch_jax.train.state import ModelDef, StateSetup, TrainState
 
 NO_FAILURE = jnp.iinfo(jnp.int32).max
 
@@ -122,12 +118,11 @@ def make_loss_fn(config: Any, model_def: ModelDef, *, train: bool = True) -> Cal
   variance_weight = float(config.diffusion.variance_weight)
   num_classes = int(config.model.num_classes)
   label_dropout = float(config.model.label_dropout)
-  # Imported here: the data package loads grain and the TFDS sources, which the step needs
-  # only for this conversion (importing the step stays light).
-  from asyncpatch_jax.data.pipeline import to_model_range
+  latents = data_sources.latent_data(config.data)  # float32 batches, the model's data already
 
   def loss_fn(params, model_state, batch, key):
-    x0 = to_model_range(batch["image"])
+    x0 = (jnp.asarray(batch["image"], jnp.float32) if latents
+          else pixels.to_model_range(batch["image"]))
     k_level, k_noise, k_label, k_model = jax.random.split(key, 4)
     t = level_sampler(k_level, diffusion.token_grid(x0.shape, patch))
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)

@@ -9,7 +9,6 @@ since the previous check was non-finite — so a saved checkpoint is always a go
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -24,38 +23,16 @@ from jax.experimental import multihost_utils
 from asyncpatch_jax import data as data_lib
 from asyncpatch_jax.models import dit_weights
 from asyncpatch_jax.train import checkpoint as ckpt_lib
-from asyncpatch_jax.train import evaluate as eval_lib
-from asyncpatch_jax.train import mesh as mesh_lib
+from asyncpatch_jax.train import eval_job, perf
 from asyncpatch_jax.train import optimizer as opt_lib
-from asyncpatch_jax.train import perf, validation
 from asyncpatch_jax.train import samples as samples_lib
 from asyncpatch_jax.train import state as state_lib
 from asyncpatch_jax.train import step as step_lib
+from asyncpatch_jax.train import workdir as workdir_lib
 
 
 class NonFiniteError(FloatingPointError):
   """The loss or gradient became NaN / inf; the message names the step."""
-
-
-def write_config(config: Any, workdir: epath.Path) -> None:
-  """`config.json` in the workdir (process 0 only), so every run documents itself."""
-  if jax.process_index() == 0:
-    path = workdir / "config.json"
-    tmp = workdir / f".config.json.tmp{jax.process_index()}"
-    tmp.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2,
-                              sort_keys=True))
-    tmp.replace(path)
-
-
-def prepare(config: Any, workdir: str | epath.Path) -> tuple[epath.Path, Any, Any]:
-  """Every check that can fail on bad input, before any compilation. Returns (workdir, mesh,
-  batch sharding)."""
-  validation.validate_config(config)
-  data, fsdp = validation.validate_topology(config)
-  workdir = validation.check_workdir(workdir)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  logging.info("%s, %d process(es)", validation.describe_mesh(data, fsdp), jax.process_count())
-  return workdir, mesh, mesh_lib.batch_sharding(mesh)
 
 
 def _check_finite(acc: step_lib.TrainMetrics | None, checkpointer: ckpt_lib.Checkpointer,
@@ -138,18 +115,18 @@ def train_and_evaluate(config: Any, workdir: str | epath.Path, *,
   (after saving). Raises `NonFiniteError` on a NaN / inf loss or gradient without saving it.
   `writer` replaces the default CLU writer (TensorBoard + log on process 0), e.g. in notebooks.
   """
-  workdir, mesh, batch_sharding = prepare(config, workdir)
+  workdir, mesh, batch_sharding = workdir_lib.prepare(config, workdir)
   train_data = data_lib.create_train_pipeline(config.data, batch_sharding)
   num_steps = int(config.num_steps)
   tx = opt_lib.make_optimizer(config.optimizer, num_steps)
   setup = state_lib.setup_state(config, mesh, tx)
   # These open the eval split and the inpainting references: errors before any compilation.
   samples = samples_lib.SampleWriter(config, setup, workdir)
-  evaluator = (eval_lib.Evaluator(config, setup, batch_sharding)
+  evaluator = (eval_job.Evaluator(config, setup, batch_sharding)
                if config.eval.every_steps > 0 else None)
 
   # Every check passed: from here on the workdir gets written.
-  write_config(config, workdir)
+  workdir_lib.write_config(config, workdir)
   if writer is None:
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
@@ -270,49 +247,3 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
       out[key] = v
   return out
 
-
-def restore_latest(config: Any, workdir: Any, step: int | None = None):
-  """The checks of `prepare`, then checkpoint `step` (None: the latest) restored onto the mesh
-  (read-only), after checking that it was trained with this config's model
-  (`restore.check_compatible`).
-
-  Returns `(workdir, batch_sharding, setup, state, step)`; shared by --mode=sample, inpaint and
-  eval. A missing checkpoint, or a `step` that was not saved, is a FileNotFoundError that lists
-  the saved steps; without `step`, damaged newer checkpoints are skipped with a warning.
-  """
-  from asyncpatch_jax.train import restore as restore_lib  # restore_model imports this module
-
-  directory = epath.Path(workdir) / "checkpoints"
-  if not str(workdir) or not directory.exists():
-    raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train) or pass "
-                            f"the training run's --workdir")
-  workdir, mesh, batch_sharding = prepare(config, workdir)
-  setup = state_lib.setup_state(config, mesh,
-                                opt_lib.make_optimizer(config.optimizer, int(config.num_steps)))
-  checkpointer = ckpt_lib.Checkpointer(directory, config.checkpoint, read_only=True)
-  try:
-    saved = checkpointer.all_steps()
-    if not saved:
-      raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train)")
-    if step is None:
-      # The newest checkpoint that restores: a damaged latest one is skipped with a warning (and
-      # left where it is: read-only), as when training resumes.
-      try:
-        saved_config = checkpointer.restore_config(checkpointer.latest_step())
-      except Exception:  # a damaged config item: the compatibility check uses the step restored
-        saved_config = None
-      if saved_config is not None:
-        restore_lib.check_compatible(saved_config, config, str(directory))
-      state, step = checkpointer.restore_latest_good(setup.abstract)
-      if saved_config is None:
-        restore_lib.check_compatible(checkpointer.restore_config(step), config, str(directory))
-    else:
-      if int(step) not in saved:
-        raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; the saved steps "
-                                f"are {sorted(saved)}")
-      step = int(step)
-      restore_lib.check_compatible(checkpointer.restore_config(step), config, str(directory))
-      state = checkpointer.restore(step, setup.abstract)
-  finally:
-    checkpointer.close()
-  return workdir, batch_sharding, setup, state, step

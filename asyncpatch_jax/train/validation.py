@@ -16,21 +16,19 @@ from etils import epath
 
 from asyncpatch_jax import diffusion
 from asyncpatch_jax.autoencoder import VAE_CONFIGS
-from asyncpatch_jax.data import sources
+from asyncpatch_jax.autoencoder.named import RANDOM_WEIGHTS
+from asyncpatch_jax.data import preparation, sources
 from asyncpatch_jax.diffusion import level_samplers, paths
-from asyncpatch_jax.latents import prepare
 from asyncpatch_jax.models import common as model_common
 from asyncpatch_jax.models import dit as model_dit
 from asyncpatch_jax.models import embeddings as model_embeddings
 from asyncpatch_jax.models import precision as model_precision
 from asyncpatch_jax.models import registry as model_registry
-from asyncpatch_jax.sampling import cli as sampling_cli
 from asyncpatch_jax.sampling import masks
 from asyncpatch_jax.sampling import sampler as sampler_lib
-from asyncpatch_jax.train import file_paths
+from asyncpatch_jax.train import builders, file_paths, sample_io
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
-from asyncpatch_jax.train import state as state_lib
 
 REQUIRED_SECTIONS = ("model", "diffusion", "data", "optimizer", "mesh", "checkpoint", "logging",
                      "eval", "sampling")
@@ -78,7 +76,7 @@ def validate_config(config: Any) -> None:
   latents = sources.latent_data(data)
   if latents:
     _validate_latents(config)  # before the patch check, which needs the latent size
-  size = state_lib.data_shape(config)[0]
+  size = builders.data_shape(config)[0]
   what = "the latent size" if latents else "data.image_size"
   _require(patch >= 1 and size % patch == 0,
            f"diffusion.patch_size={diff.patch_size} must divide {what}={size}")
@@ -129,7 +127,7 @@ def validate_config(config: Any) -> None:
   _require(float(sampling.cfg_scale) == 0.0 or num_classes > 0,
            "sampling.cfg_scale needs a class-conditional model (model.num_classes > 0)")
   try:
-    options = sampling_cli.parse_options(sampling.strategy_options)
+    options = sample_io.parse_options(sampling.strategy_options)
   except ValueError as e:
     raise ConfigError(f"sampling.strategy_options: {e}") from e
   _require(bool(config.model.uncertainty)
@@ -150,7 +148,7 @@ def validate_config(config: Any) -> None:
   for rule in config.mesh.rules:
     _require(len(rule) == 2, f"mesh.rules entries are (regex, spec) pairs, got {rule!r}")
   if data.source == "latents":  # last: the files, once every value is known to be right
-    missing = prepare.missing_preparation(config)
+    missing = preparation.missing_preparation(config)
     _require(missing is None, str(missing))
 
 
@@ -162,7 +160,7 @@ def _validate_latents(config: Any) -> None:
   _require(vae.name in VAE_CONFIGS,
            f"vae.name must be one of {sorted(VAE_CONFIGS)} for data.source='latents', got "
            f"{vae.name!r}")
-  _require(vae.weights != prepare.RANDOM_WEIGHTS or vae.name == "tiny",
+  _require(vae.weights != RANDOM_WEIGHTS or vae.name == "tiny",
            "vae.weights='random' is for the 'tiny' debug VAE only; pass the SD VAE's "
            "safetensors file")
   _require(float(vae.scaling_factor) > 0, "vae.scaling_factor must be positive")

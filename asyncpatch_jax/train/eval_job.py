@@ -1,4 +1,6 @@
-"""Held-out evaluation: the training objective, bits/dim along corruption paths, FID and KID.
+"""Held-out evaluation (the `Evaluator` the trainer calls) and the `--mode=eval` job (`evaluate`):
+the training objective, bits/dim along corruption paths, FID and KID. The metric networks
+(Inception, FID statistics) are the `evaluation` package.
 
 The objective is evaluated with the training level sampler but a fixed key per batch, so numbers
 from different steps are comparable. Bits/dim is the negative ELBO (discretised 8-bit decoder,
@@ -15,10 +17,8 @@ the paired difference (this − compared) in bits/dim comes with its standard er
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,26 +26,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from clu import metric_writers
 from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from asyncpatch_jax import data as data_lib
-from asyncpatch_jax import diffusion, models
+from asyncpatch_jax import diffusion, evaluation, file_io, models, pixels, rng_streams
 from asyncpatch_jax import progress as progress_lib
-from asyncpatch_jax.data import pipeline
+from asyncpatch_jax.data import pipeline, preparation
 from asyncpatch_jax.data import preprocess as preprocess_lib
 from asyncpatch_jax.diffusion import elbo, paths
-from asyncpatch_jax.train import optimizer as opt_lib
+from asyncpatch_jax.evaluation import adm, fid
+from asyncpatch_jax.latents import encode
+from asyncpatch_jax.train import builders
+from asyncpatch_jax.train import restore as restore_lib
+from asyncpatch_jax.train import samples as samples_lib
 from asyncpatch_jax.train import state as state_lib
 from asyncpatch_jax.train import step as step_lib
 
 PATHS = paths.NAMES
-
-
-def ema_params_name(config: Any) -> str:
-  """The EMA used for evaluation and samples: `sampling.ema`, or the first configured decay."""
-  return config.sampling.ema or opt_lib.ema_name(config.optimizer.ema_decays[0])
 
 
 def path_names(eval_config: Any) -> tuple[str, ...]:
@@ -89,23 +89,25 @@ class Evaluator:
       raise ValueError(f"the eval split {config.data.eval_split!r} has {len(self._source)} "
                        f"records, fewer than one global batch ({config.data.batch_size})")
     loss_fn = step_lib.make_loss_fn(config, setup.model_def, train=False)
-    schedule = state_lib.make_schedule(config.diffusion)
+    schedule = builders.make_schedule(config.diffusion)
     patch = int(config.diffusion.patch_size)
     elbo_steps = int(config.eval.elbo_steps)
     names = path_names(config.eval) if elbo_steps > 0 else ()
     if compare and not names:
       raise ValueError("eval.compare_workdir compares bits/dim: set eval.elbo_steps > 0")
-    grid = diffusion.token_grid((int(config.data.batch_size), *state_lib.data_shape(config)),
+    grid = diffusion.token_grid((int(config.data.batch_size), *builders.data_shape(config)),
                                 patch)
     num_classes = int(config.model.num_classes)
-    root = jax.random.fold_in(jax.random.key(int(config.seed)), 0xE7A1)
+    root = rng_streams.root_key(config.seed, rng_streams.Stream.EVAL)
+    latents = data_lib.latent_data(config.data)  # float32 batches, the model's data already
 
     def eval_step(params, model_state, batch, index, *other):
       key = jax.random.fold_in(root, index)
       _, (aux, _) = loss_fn(params, model_state, batch, key)
       out = {"loss": aux["loss"], "mse": aux["mse"], "nll": aux["nll"]}
       labels = batch["label"].astype(jnp.int32) if num_classes else None
-      x0 = data_lib.to_model_range(batch["image"])
+      x0 = (jnp.asarray(batch["image"], jnp.float32) if latents
+            else pixels.to_model_range(batch["image"]))
       networks = {"": (params, model_state)}
       if other:
         networks["_compare"] = other
@@ -135,9 +137,10 @@ class Evaluator:
                compare_state: state_lib.TrainState | None = None) -> dict[str, float]:
     if (compare_state is not None) != self._compare:
       raise ValueError("pass compare_state exactly when the Evaluator was built with compare=True")
-    params = state.ema[ema_params_name(self.config)]
+    ema = restore_lib.ema_params_name(self.config)
+    params = state.ema[ema]
     other = (() if compare_state is None else
-             (compare_state.ema[ema_params_name(self.config)], compare_state.model_state))
+             (compare_state.ema[ema], compare_state.model_state))
     pipeline = data_lib.create_eval_pipeline(self.config.data, self.batch_sharding,
                                              max_batches=self.num_batches or None,
                                              source=self._source)
@@ -170,15 +173,13 @@ def _reference_batches(config: Any, split: str, batch: int) -> Callable[[], Iter
   """Every image of `split` in uint8 batches: preprocessed as for training (no flips), or for a
   latent run the images its cache encoded (ADM centre crop at `data.image_size`)."""
   def batches() -> Iterator[np.ndarray]:
-    if config.data.source == "latents":
-      from asyncpatch_jax.latents import build, prepare
-
+    if data_lib.latent_data(config.data):  # a latent cache (synthetic latents have no FID)
       lsun = bool(config.data.lsun_category)
-      source, _ = build.make_source(
+      source, _ = encode.make_source(
           "lsun" if lsun else "tfds", image_size=int(config.data.image_size),
           tfds_name=config.data.tfds_name, split=split, tfds_data_dir=config.data.tfds_data_dir,
           label_key=config.data.label_key,
-          lsun_lmdb=prepare.lsun_lmdb(config.data, split) if lsun else "")
+          lsun_lmdb=preparation.lsun_lmdb(config.data, split) if lsun else "")
       size = int(config.data.image_size)
       load = lambda i: data_lib.center_crop_resize(
           preprocess_lib.to_channels(np.asarray(source[i]["image"]), 3), size)
@@ -209,15 +210,13 @@ def reference_name(config: Any) -> str:
 
 def fid_protocol(config: Any) -> dict[str, Any]:
   """The FID protocol `--mode=eval` follows (README, "FID protocols"), for its JSON."""
-  from asyncpatch_jax.evaluation import fid
-
   reference, sampling = config.eval.fid_reference, config.sampling
   return {"samples": int(config.eval.fid_samples),
           "reference": (f"{os.path.basename(reference)} (ADM reference batch)" if reference
                         else f"statistics of split {config.eval.fid_split!r}"),
           "sampler": sampling.strategy, "steps": int(sampling.num_steps),
           "stochastic": bool(sampling.stochastic), "cfg_scale": float(sampling.cfg_scale),
-          "ema": ema_params_name(config), "features": fid.PROTOCOL}
+          "ema": restore_lib.ema_params_name(config), "features": fid.PROTOCOL}
 
 
 def sample_quality(config: Any, setup: state_lib.StateSetup, state: state_lib.TrainState,
@@ -226,13 +225,9 @@ def sample_quality(config: Any, setup: state_lib.StateSetup, state: state_lib.Tr
   `eval.fid_split` statistics, cached in `eval.fid_cache_dir` (default `<workdir>/fid_cache`),
   or FID against the `mu` / `sigma` of the ADM reference batch `eval.fid_reference`. With
   `export`, the samples are also written there as ADM's sample batch (`evaluation/adm.py`)."""
-  from asyncpatch_jax import evaluation  # the Inception weights are only needed here
-  from asyncpatch_jax.evaluation import adm
-  from asyncpatch_jax.train import samples as samples_lib  # avoids an import cycle
-
   num = int(config.eval.fid_samples)
   decode = samples_lib.make_decoder(config)  # latent runs: FID of the decoded images
-  shape = state_lib.data_shape(config)
+  shape = builders.data_shape(config)
   if decode is None and (len(shape) != 3 or shape[-1] not in (1, 3)):
     raise ValueError(f"FID needs images with 1 or 3 channels, not data of shape {shape}; set "
                      f"--config.eval.fid_samples=0")
@@ -252,8 +247,8 @@ def sample_quality(config: Any, setup: state_lib.StateSetup, state: state_lib.Tr
     writer = adm.SampleBatchWriter(export, num, (size, size))
   progress = progress_lib.Progress("FID samples", num, unit="images")
   sample_fn = samples_lib.make_sample_fn(config, setup, batch, inpaint=False)
-  params = state.ema[ema_params_name(config)]
-  root = jax.random.fold_in(jax.random.key(int(config.seed)), 0xF1D)
+  params = state.ema[restore_lib.ema_params_name(config)]
+  root = rng_streams.root_key(config.seed, rng_streams.Stream.FID_SAMPLES)
   features = []
   try:
     for i in range(math.ceil(num / batch)):
@@ -278,31 +273,20 @@ def sample_quality(config: Any, setup: state_lib.StateSetup, state: state_lib.Tr
   return {f"eval/{k}": float(v) for k, v in scores.items()}
 
 
-def _write_json_atomic(path: epath.Path, payload: dict[str, Any]) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=os.fspath(path.parent))
-  with os.fdopen(fd, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.fspath(path))
-
-
 def evaluate(config: Any, workdir: str | epath.Path) -> dict[str, float]:
   """`--mode=eval`: the latest checkpoint's EMA over the whole eval split (loss and bits/dim
   along `eval.paths`, with standard errors), the paired bits/dim difference against
   `eval.compare_workdir`'s checkpoint when set, and FID / KID when `eval.fid_samples` > 0;
   writes `<workdir>/eval_step_<step>.json`."""
-  from asyncpatch_jax.train import trainer  # the shared preparation; avoids an import cycle
-
   with_fid = int(config.eval.fid_samples) > 0
   if with_fid and config.eval.fid_reference:  # a missing reference batch fails before any work
-    from asyncpatch_jax.evaluation import adm
-
     adm.read_reference(config.eval.fid_reference)
   compare_dir = str(config.eval.compare_workdir)
-  workdir, batch_sharding, setup, state, step = trainer.restore_latest(config, workdir)
+  workdir, batch_sharding, setup, state, step = restore_lib.restore_latest(config, workdir)
   compare_state = compare_step = None
   if compare_dir:
     # The same model (restore_latest checks the config's compatibility) from another run or step.
-    *_, compare_state, compare_step = trainer.restore_latest(
+    *_, compare_state, compare_step = restore_lib.restore_latest(
         config, compare_dir, step=int(config.eval.compare_step) or None)
   evaluator = Evaluator(config, setup, batch_sharding, num_batches=0,
                         compare=compare_state is not None)
@@ -312,7 +296,8 @@ def evaluate(config: Any, workdir: str | epath.Path) -> dict[str, float]:
     results.update(sample_quality(config, setup, state, workdir, export=export))
     results["protocol"] = fid_protocol(config)
   results["step"] = step
-  results["settings"] = {"ema": ema_params_name(config), "elbo_steps": int(config.eval.elbo_steps),
+  results["settings"] = {"ema": restore_lib.ema_params_name(config),
+                         "elbo_steps": int(config.eval.elbo_steps),
                          "paths": list(path_names(config.eval)), "split": config.data.eval_split,
                          "fid_split": config.eval.fid_split,
                          "fid_samples": int(config.eval.fid_samples),
@@ -322,10 +307,8 @@ def evaluate(config: Any, workdir: str | epath.Path) -> dict[str, float]:
                                       "difference": "this checkpoint − compared, bits/dim"}
   logging.info("Evaluation at step %d: %s", step, results)
   if jax.process_index() == 0:
-    _write_json_atomic(workdir / f"eval_step_{step}.json", results)
+    file_io.write_json(workdir / f"eval_step_{step}.json", results)
   # The scalars also go to TensorBoard, in the run's event files at the checkpoint's step.
-  from clu import metric_writers
-
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_scalars(step, {k: v for k, v in results.items()
                               if k.startswith("eval/") and isinstance(v, int | float)})

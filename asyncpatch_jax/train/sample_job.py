@@ -8,10 +8,11 @@ e.g. `--config.sampling.num_steps=50 --config.sampling.stochastic=False`. `num_s
 `batch_size` at a time (one compiled program; a progress line per batch).
 
 Each run writes a new folder `<output_dir or workdir/samples>/<mode>_step<N>_<strategy>_<UTC
-time>` through `sampling.cli.write_outputs`: samples.png, samples.npz, settings.json (the whole
+time>` through `sample_io.write_outputs`: samples.png, samples.npz, settings.json (the whole
 config, the checkpoint and the NFE measured by the sampler) and, for the adaptive and
 autoregressive strategies, levels.gif (the first batch's level maps). The folder is assembled
-under a hidden temporary name and renamed when complete, so it is never half-written.
+under a hidden temporary name and renamed when complete (`file_io.atomic_directory`), so it is
+never half-written.
 
 Latent runs (data.source='latents') decode their samples with the run's VAE for samples.png
 and keep the latents in samples.npz; `--mode=inpaint` is for pixel-space models.
@@ -31,9 +32,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -44,11 +43,11 @@ from absl import logging
 from etils import epath
 
 from asyncpatch_jax import data as data_lib
-from asyncpatch_jax import diffusion, sampling
+from asyncpatch_jax import diffusion, file_io, rng_streams
 from asyncpatch_jax.sampling import masks as masks_lib
+from asyncpatch_jax.train import builders, sample_io
 from asyncpatch_jax.train import restore as restore_lib
 from asyncpatch_jax.train import samples as samples_lib
-from asyncpatch_jax.train import state as state_lib
 
 MODES = ("sample", "inpaint")
 
@@ -59,14 +58,14 @@ def _check(config: Any) -> None:
   if int(scfg.checkpoint_step) < 0 or int(scfg.batch_size) < 0:
     raise ValueError(f"sampling.checkpoint_step ({scfg.checkpoint_step}; 0 = latest) and "
                      f"sampling.batch_size ({scfg.batch_size}; 0 = all at once) must be >= 0")
-  sampling.cli.parse_options(scfg.strategy_options)
+  sample_io.parse_options(scfg.strategy_options)
 
 
 def _mask(config: Any, num: int) -> np.ndarray:
   """The token-level known mask `[num, *grid]` of `sampling.mask` (see the module docstring)."""
   scfg = config.sampling
   patch = int(config.diffusion.patch_size)
-  grid = diffusion.token_grid((1, *state_lib.data_shape(config)), patch)[1:]
+  grid = diffusion.token_grid((1, *builders.data_shape(config)), patch)[1:]
   spec = scfg.mask or scfg.inpaint_mask
   if spec in masks_lib.MASKS:
     mask = masks_lib.make_mask(spec, num, grid, seed=int(config.seed))
@@ -133,24 +132,12 @@ def _output_folder(config: Any, workdir: epath.Path, mode: str, step: int) -> ep
   return folder
 
 
-def _write_folder(folder: epath.Path, write: Callable[[str], Any]) -> None:
-  """`write(tmp)` fills a hidden folder next to `folder`, renamed into place when complete."""
-  folder.parent.mkdir(parents=True, exist_ok=True)
-  tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-  try:
-    write(os.fspath(tmp))
-    tmp.rename(folder)
-  except BaseException:
-    shutil.rmtree(os.fspath(tmp), ignore_errors=True)
-    raise
-
-
 def _settings(config: Any, mode: str, directory: str, step: int, ema: str, total: int,
               batch: int, info: dict[str, Any], **extra: Any) -> dict[str, Any]:
   return {"mode": mode, "checkpoint": f"{directory}/{step}", "checkpoint_step": step,
           "ema": ema, "num_samples": total, "batch_size": batch,
           "num_batches": math.ceil(total / batch), "nfe_per_batch": info["nfe_per_batch"],
-          "strategy_options_parsed": sampling.cli.parse_options(
+          "strategy_options_parsed": sample_io.parse_options(
               config.sampling.strategy_options),
           "sampling": config.sampling.to_dict(), "config": config.to_dict(), **extra}
 
@@ -168,7 +155,7 @@ def sample_from_checkpoint(config: Any, workdir: str | epath.Path) -> dict[str, 
   batch = min(int(config.sampling.batch_size) or total, total)
   num_classes = int(config.model.num_classes)
   fn = samples_lib.make_sample_fn(config, setup, batch, inpaint=False, return_info=True)
-  root = jax.random.fold_in(jax.random.key(int(config.seed)), 0x5A3C11)
+  root = rng_streams.root_key(config.seed, rng_streams.Stream.SAMPLE)
 
   def one(index: int, first: int):
     labels = ((first + jnp.arange(batch, dtype=jnp.int32)) % num_classes
@@ -184,8 +171,8 @@ def sample_from_checkpoint(config: Any, workdir: str | epath.Path) -> dict[str, 
     settings = _settings(config, "sample", str(workdir / "checkpoints"), step, ema, total, batch,
                          info, seed=int(config.seed))
     nrow = num_classes if 0 < num_classes <= 16 else None  # a column per class
-    _write_folder(folder, lambda tmp: sampling.cli.write_outputs(
-        images, info, settings, tmp, nrow=nrow, extra_arrays=extra))
+    with file_io.atomic_directory(folder) as tmp:
+      sample_io.write_outputs(images, info, settings, tmp, nrow=nrow, extra_arrays=extra)
     logging.info("Sampled %d images from step %d (strategy %s, NFE %d) into %s", total, step,
                  config.sampling.strategy, info["nfe"], folder)
   return {"samples": images, "info": info, "step": step, "folder": folder}
@@ -197,15 +184,15 @@ def inpaint_from_checkpoint(config: Any, workdir: str | epath.Path) -> dict[str,
     raise ValueError("--mode=inpaint takes images for a pixel-space model; this run diffuses VAE "
                      "latents (data.source='latents'): inpaint in latent space from Python "
                      "(train.restore.restore_model, the VAE's encoder, sampling.sample)")
-  paths = sampling.cli.image_paths(config.sampling.image)  # bad input fails before restoring
-  known = sampling.cli.load_images(paths, state_lib.data_shape(config))
+  paths = sample_io.image_paths(config.sampling.image)  # bad input fails before restoring
+  known = sample_io.load_images(paths, builders.data_shape(config))
   total = known.shape[0]
   mask = _mask(config, total)
   workdir, setup, params, model_state, step, ema = _restore(config, workdir)
   batch = min(int(config.sampling.batch_size) or total, total)
   num_classes = int(config.model.num_classes)
   fn = samples_lib.make_sample_fn(config, setup, batch, inpaint=True, return_info=True)
-  root = jax.random.fold_in(jax.random.key(int(config.seed)), 0x1A9A17)
+  root = rng_streams.root_key(config.seed, rng_streams.Stream.INPAINT)
   null = jnp.full((batch,), num_classes, jnp.int32) if num_classes else None
   pad = math.ceil(total / batch) * batch - total  # the last batch repeats the last image
   known_p = np.concatenate([known, np.repeat(known[-1:], pad, 0)])
@@ -223,8 +210,8 @@ def inpaint_from_checkpoint(config: Any, workdir: str | epath.Path) -> dict[str,
                          batch, info, seed=int(config.seed), images=paths,
                          mask=config.sampling.mask or config.sampling.inpaint_mask,
                          known_fraction=float(mask.mean()))
-    _write_folder(folder, lambda tmp: sampling.cli.write_outputs(
-        images, info, settings, tmp, known=known, known_mask=mask))
+    with file_io.atomic_directory(folder) as tmp:
+      sample_io.write_outputs(images, info, settings, tmp, known=known, known_mask=mask)
     logging.info("Inpainted %d images from step %d (strategy %s, NFE %d) into %s", total, step,
                  config.sampling.strategy, info["nfe"], folder)
   return {"samples": images, "known": known, "known_mask": mask, "info": info, "step": step,

@@ -1,18 +1,18 @@
-"""What a sampling run reads and leaves behind, for `main.py --mode=sample` and `--mode=inpaint`.
+"""What a sampling job reads and leaves behind (`train/sample_job.py`: `--mode=sample`, `inpaint`).
 
 `write_outputs` writes `samples.png` (a grid, for 2-D images with 1 or 3 channels),
 `inputs.png` (the masked input, when inpainting), `samples.npz` (with `known` and `known_mask`
 when inpainting), `settings.json` (every setting plus the NFE) and `levels.gif` (when the run
 recorded its level maps). Every file is written to a temporary name in the same folder and
 renamed into place, so a crash leaves either the previous file or the new one, never half of
-one. `load_images` reads the inpainting inputs, `parse_options` the strategy's keywords.
+one (`file_io`). `load_images` reads the inpainting inputs (PIL), `parse_options` the strategy's
+keywords. Host-side input and output, kept out of the pure-JAX `sampling` package.
 """
 
 from __future__ import annotations
 
 import ast
 import glob
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from asyncpatch_jax import visualize
+from asyncpatch_jax import file_io, pixels, visualize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -82,9 +82,9 @@ def load_images(paths: Sequence[str], shape: Sequence[int]) -> np.ndarray:
       if image.size != (width, height):
         raise ValueError(f"{path} is {image.size[0]}×{image.size[1]} but the model takes "
                          f"{width}×{height} images; crop or resize it to that size first")
-      pixels = np.asarray(image.convert("RGB" if colour else "L"), np.uint8)
-    out.append(pixels.reshape(height, width, channels))
-  return np.stack(out).astype(np.float32) * (2.0 / 255.0) - 1.0
+      array = np.asarray(image.convert("RGB" if colour else "L"), np.uint8)
+    out.append(array.reshape(height, width, channels))
+  return pixels.to_model_range(np.stack(out))
 
 
 def _jsonable(value: Any) -> Any:
@@ -148,11 +148,8 @@ def write_outputs(samples: Any, info: Mapping[str, Any], settings: Mapping[str, 
     levels = visualize.trim_levels(info["levels"], steps)
     arrays["levels"] = levels
 
-  def write_npz(tmp: str) -> None:
-    with open(tmp, "wb") as f:
-      np.savez_compressed(f, **arrays)
-
-  visualize.write_atomic(path("samples.npz"), write_npz)
+  with file_io.atomic_open(path("samples.npz"), "wb") as f:
+    np.savez_compressed(f, **arrays)
   written["npz"] = path("samples.npz")
 
   record = dict(_jsonable(dict(settings)))
@@ -162,12 +159,7 @@ def write_outputs(samples: Any, info: Mapping[str, Any], settings: Mapping[str, 
   if "nfe_per_example" in info:
     record["nfe_per_example_mean"] = float(np.mean(np.asarray(info["nfe_per_example"])))
 
-  def write_json(tmp: str) -> None:
-    with open(tmp, "w") as f:
-      json.dump(record, f, indent=2, sort_keys=True)
-      f.write("\n")
-
-  visualize.write_atomic(path("settings.json"), write_json)
+  file_io.write_json(path("settings.json"), record)
   written["settings"] = path("settings.json")
 
   if levels is not None and levels.ndim in (3, 4):

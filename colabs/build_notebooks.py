@@ -374,7 +374,6 @@ RESTORE = code('''
 
 HELD_OUT = code('''
     from asyncpatch_jax import data as data_lib
-    from asyncpatch_jax import pixels
 
     held_out = data_lib.get_source(config.data, "test")  # the 10% of the digits training never saw
     print(f"{len(held_out)} held-out digits, {held_out.images.shape[1:]} uint8")

@@ -3,8 +3,6 @@ no module cycle and no unlisted function-local import, and the checker catches b
 
 from __future__ import annotations
 
-import pytest
-
 from asyncpatch_jax.tools import deps
 
 
@@ -52,7 +50,6 @@ def test_a_one_way_package_passes(tmp_path):
   assert deps.main(["--check", "--root", str(root)]) == 0
 
 
-@pytest.mark.xfail(strict=False, reason="until issue 20's train/ and data/ moves land")
 def test_the_package_has_no_import_cycle_and_no_unlisted_lazy_import(capsys):
   assert deps.main(["--check"]) == 0, capsys.readouterr().err
 

@@ -2,7 +2,7 @@
 and synthetic records.
 
 The grain pipeline (`data.pipeline`) is imported on first use, so that code needing only the
-sources' shapes (`train.state.data_shape`, hence the train step) does not load grain.
+sources' shapes (`train.builders.data_shape`, hence the train step) does not load grain.
 """
 
 import importlib

@@ -54,7 +54,7 @@ def parse_args(argv):
 
 def build(args, level_slots: int) -> nnx.Module:
   config = models.default_config()
-  config.update(name="dit", dit_size=args.size, dit_patch=args.patch, uncertainty=True,
+  config.update(name="dit", dit=dict(size=args.size, patch=args.patch), uncertainty=True,
                 num_classes=args.num_classes, level_slots=level_slots)
   return models.get_model(config, data_shape=(args.image_size, args.image_size, args.channels),
                           level_patch_size=args.patch, schedule=get_schedule("cosine"),
@@ -115,8 +115,9 @@ def unet_flops(image_size: int = 32, channels: int = 3) -> dict[str, float]:
   Counted on the abstract model (`nnx.eval_shape`), so nothing is initialised.
   """
   config = models.default_config()
-  config.update(name="unet", channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                attention_resolutions=(16,), level_slots=8)
+  config.update(name="unet", level_slots=8,
+                unet=dict(channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                          attention_resolutions=(16,)))
   z = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
   counted = {}
   for p in (1, 4):

@@ -1,8 +1,8 @@
 """adaLN-single against DiT's adaLN ('block') in training: the same recipe, several seeds.
 
-`model.adaln='single'` (PixArt-α's adaLN-single) makes per-token conditioning cheap (one shared
-`d → 6d` projection instead of one per block); this script asks whether it learns as well. Both
-variants train the same small per-token DiT on the bundled MNIST digits (`configs/mnist.py`'s
+`model.dit.adaln='single'` (PixArt-α's adaLN-single) makes per-token conditioning cheap (one
+shared `d → 6d` projection instead of one per block); this script asks whether it learns as well.
+Both variants train the same small per-token DiT on the bundled MNIST digits (`configs/mnist.py`'s
 data, optimizer and level-map recipe; the network is a DiT) with the project's train step
 (`train/step.py`, `vmap`ped over seeds), for the same number of steps; seed s draws the same
 batches for both variants. Every `--eval_every` steps each run is scored by the held-out
@@ -67,9 +67,9 @@ def make_config(args, adaln: str, seed: int):
     config.seed = seed
     config.num_steps = args.steps
     config.data.batch_size = args.batch
-    config.model.update(name="dit", adaln=adaln, dit_hidden_size=args.hidden,
-                        dit_depth=args.depth, dit_num_heads=args.heads, dit_patch=args.patch,
-                        dtype="float32")
+    config.model.update(name="dit", dtype="float32",
+                        dit=dict(adaln=adaln, hidden_size=args.hidden, depth=args.depth,
+                                 num_heads=args.heads, patch=args.patch))
     config.diffusion.patch_size = args.patch
     config.optimizer.learning_rate = args.learning_rate
     config.optimizer.warmup_steps = min(100, args.steps // 10)

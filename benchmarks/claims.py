@@ -229,7 +229,7 @@ def make_config(dataset: str, variant: str, args: argparse.Namespace,
     if args.image_size:
       config.data.image_size = int(args.image_size)
       if config.data.image_size < 16:
-        config.model.attention_resolutions = ()
+        config.model.unet.attention_resolutions = ()
     if args.batch_size:
       config.data.batch_size = int(args.batch_size)
     config.num_steps = int(steps)

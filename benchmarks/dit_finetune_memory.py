@@ -53,9 +53,9 @@ def make_config(batch: int, remat: str, quick: bool):
   config.mesh.fsdp, config.mesh.data = 1, 1  # one device: the per-chip program
   config.model.level_embedding = "dit"
   config.model.remat = remat
-  config.model.scan_layers = True  # the same buffers as unrolled blocks; compiles one block
+  config.model.dit.scan_layers = True  # the same buffers as unrolled blocks; compiles one block
   if quick:
-    config.model.dit_size, config.model.dit_depth = "S", 2
+    config.model.dit.size, config.model.dit.depth = "S", 2
   return config
 
 

@@ -17,7 +17,7 @@ On whatever backend JAX runs on, for one network (U-Net or DiT) this measures:
     the same batch on the CPU, in its own worker process, float32 (DiT's setting) and with
     `--torch_bf16` also under bf16 autocast, and the ratios of images/s;
   - the compile time of the train step of a narrow DiT at depth 12 and 28, blocks unrolled vs
-    `model.scan_layers` (part `scan_compile`).
+    `model.dit.scan_layers` (part `scan_compile`).
 
 The speed options of the networks are flags: `--dtype bfloat16`, `--remat`, `--scan_layers`,
 `--attention_impl`, and the architecture option `--adaln single`. On Linux the script re-runs
@@ -92,9 +92,9 @@ def parse_args(argv):
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--remat", default="", help="model.remat ('' off, 'full', "
                       "'dots_saveable', 'dots_with_no_batch_dims_saveable')")
-  parser.add_argument("--scan_layers", action="store_true", help="model.scan_layers (DiT)")
+  parser.add_argument("--scan_layers", action="store_true", help="model.dit.scan_layers")
   parser.add_argument("--adaln", default="block", choices=("block", "single"),
-                      help="model.adaln (DiT): 'block' = DiT's, 'single' = PixArt-α's adaLN-single")
+                      help="model.dit.adaln: 'block' = DiT's, 'single' = PixArt-α's adaLN-single")
   parser.add_argument("--attention_impl", default=None, choices=(None, "xla", "cudnn"),
                       help="jax.nn.dot_product_attention implementation (default: JAX picks)")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
@@ -120,14 +120,14 @@ def make_config(args, level_sampler: str = "recipe") -> ml_collections.ConfigDic
     model.name = args.model
     model.dtype = args.dtype
     model.num_classes = args.num_classes
-    model.dropout = 0.0 if args.quick else model.dropout
+    model.unet.dropout = 0.0 if args.quick else model.unet.dropout
     model.remat = args.remat
-    model.scan_layers = bool(args.scan_layers and args.model == "dit")
-    model.adaln = args.adaln if args.model == "dit" else "block"
+    model.dit.scan_layers = bool(args.scan_layers and args.model == "dit")
+    model.dit.adaln = args.adaln
     model.attention_impl = args.attention_impl
     if args.model == "dit":
-      model.dit_size = args.dit_size
-      model.dit_patch = args.dit_patch
+      model.dit.size = args.dit_size
+      model.dit.patch = args.dit_patch
     config.data.source = "synthetic"  # random batches of this shape: timing only
     config.data.image_size = args.image_size
     config.data.channels = args.channels
@@ -401,8 +401,7 @@ def scan_compile_cases(args, depths=(12, 28)) -> dict:
       config = make_config(args)
       with config.unlocked():
         config.model.name = "dit"
-        config.model.update(dit_hidden_size=64, dit_num_heads=2, dit_depth=depth,
-                            scan_layers=scan)
+        config.model.dit.update(hidden_size=64, num_heads=2, depth=depth, scan_layers=scan)
         config.diffusion.patch_size = args.dit_patch
       log(f"compile: depth {depth}, {'scan' if scan else 'unrolled'}")
       _, info = prepare_train_step(config)

@@ -47,7 +47,7 @@ def defaults() -> ml_collections.ConfigDict:
   config.train_minutes = 0.0          # wall-clock training budget; 0 = run num_steps
   # A DiT checkpoint (facebookresearch/DiT's DiT-XL-2-256x256.pt, or one its train.py wrote)
   # whose (EMA) weights start a fresh run; optimizer, EMAs and step start fresh. Needs
-  # model.name='dit', adaln='block', level_embedding='dit', parametrization='eps' (README,
+  # model.name='dit', dit.adaln='block', level_embedding='dit', parametrization='eps' (README,
   # "Fine-tuning DiT-XL/2"). A run that resumes from its own checkpoint ignores it.
   config.init_from = ""
 
@@ -204,13 +204,10 @@ def apply_debug(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to run on a CPU in seconds: tiny network, batch 8, a few steps."""
   config.num_steps = 4
   config.train_minutes = 0.0
-  model = config.model
-  for key, value in (("channels", 16), ("channel_mult", (1,)), ("num_res_blocks", 1),
-                     ("attention_resolutions", ()), ("norm_groups", 8), ("num_heads", 2),
-                     ("dit_hidden_size", 32), ("dit_depth", 2), ("dit_num_heads", 2),
-                     ("dropout", 0.0), ("level_slots", 0)):
-    if key in model:
-      model[key] = value
+  config.model.unet.update(channels=16, channel_mult=(1,), num_res_blocks=1,
+                           attention_resolutions=(), norm_groups=8, num_heads=2, dropout=0.0)
+  config.model.dit.update(hidden_size=32, depth=2, num_heads=2)
+  config.model.level_slots = 0
   config.data.batch_size = 8
   config.data.image_size = min(config.data.image_size, 16)
   config.data.read_threads = 1

@@ -23,11 +23,11 @@ def get_config(arg=None):
   config.model.name = "unet"
   config.model.parametrization = "eps"
   config.model.num_classes = 0
-  config.model.channels = 128
-  config.model.channel_mult = (1, 1, 2, 2, 4, 4)
-  config.model.num_res_blocks = 2
-  config.model.attention_resolutions = (16,)
-  config.model.dropout = 0.0
+  config.model.unet.channels = 128
+  config.model.unet.channel_mult = (1, 1, 2, 2, 4, 4)
+  config.model.unet.num_res_blocks = 2
+  config.model.unet.attention_resolutions = (16,)
+  config.model.unet.dropout = 0.0
 
   config.diffusion.patch_size = 8             # a 32×32 level map
 

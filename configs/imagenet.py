@@ -3,7 +3,7 @@ pixel space at 64 and 128.
 
 Arguments (`--config=configs/imagenet.py:ARG[,debug]`):
   dit       (default) DiT-XL/2 on 32×32×4 latents of 256×256 images, as DiT trains it but with
-            adaLN-single (`model.adaln='single'`; 'block' is DiT's own, which init_from needs).
+            adaLN-single (`model.dit.adaln='single'`; 'block' is DiT's own, which init_from needs).
   unet      the paper's U-Net (level map through spatial FiLM) on the same latents.
   pixel64   ADM's 64×64 U-Net on TFDS `imagenet_resized/64x64` (labelled, box-downsampled).
   pixel128  ADM's 128×128 U-Net on TFDS `imagenet2012` (ADM centre crop).
@@ -61,43 +61,43 @@ def get_config(arg=None):
   model.uncertainty = True  # the variance head: adaptive sampling (and DiT's learned sigma)
   model.num_classes = 1000
   model.label_dropout = 0.1
-  model.dropout = 0.0
+  model.unet.dropout = 0.0
   model.dtype = "bfloat16"
   if variant == "dit":
     _latents(config)
     model.name = "dit"
-    model.dit_size = "XL"
-    model.dit_patch = 2
+    model.dit.size = "XL"
+    model.dit.patch = 2
     # adaLN-single: per-token levels at +5% FLOPs instead of DiT's +47%, trained no worse here
     # (README, "Performance"); starting from DiT's weights (init_from) needs 'block'.
-    model.adaln = "single"
+    model.dit.adaln = "single"
   elif variant == "unet":
     _latents(config)
     model.name = "unet"
-    model.channels = 256
-    model.channel_mult = (1, 2, 2)
-    model.num_res_blocks = 2
-    model.attention_resolutions = (16, 8)
-    model.num_heads = 8
+    model.unet.channels = 256
+    model.unet.channel_mult = (1, 2, 2)
+    model.unet.num_res_blocks = 2
+    model.unet.attention_resolutions = (16, 8)
+    model.unet.num_heads = 8
   else:
     config.data.source = "tfds"
     model.name = "unet"
-    model.num_heads = 4
+    model.unet.num_heads = 4
     if variant == "pixel64":
       config.data.tfds_name = "imagenet_resized/64x64"
       config.data.image_size = 64
-      model.channels = 192
-      model.channel_mult = (1, 2, 3, 4)
-      model.num_res_blocks = 3
-      model.attention_resolutions = (32, 16, 8)
-      model.dropout = 0.1
+      model.unet.channels = 192
+      model.unet.channel_mult = (1, 2, 3, 4)
+      model.unet.num_res_blocks = 3
+      model.unet.attention_resolutions = (32, 16, 8)
+      model.unet.dropout = 0.1
       config.diffusion.patch_size = 4         # a 16×16 level map
     else:
       config.data.image_size = 128
-      model.channels = 256
-      model.channel_mult = (1, 1, 2, 3, 4)
-      model.num_res_blocks = 2
-      model.attention_resolutions = (32, 16, 8)
+      model.unet.channels = 256
+      model.unet.channel_mult = (1, 1, 2, 3, 4)
+      model.unet.num_res_blocks = 2
+      model.unet.attention_resolutions = (32, 16, 8)
       config.diffusion.patch_size = 8         # a 16×16 level map
 
   config.optimizer.learning_rate = 1e-4

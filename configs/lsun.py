@@ -61,24 +61,23 @@ def get_config(arg=None):
   model.uncertainty = True  # the variance head: adaptive sampling (and DiT's learned sigma)
   model.num_classes = 0
   if model_name == "dit":
-    model.dit_size = "L"
-    model.dit_patch = 2
-    model.adaln = "single"                    # per-token levels at +5% FLOPs (README)
-    model.dropout = 0.0
+    model.dit.size = "L"
+    model.dit.patch = 2
+    model.dit.adaln = "single"                # per-token levels at +5% FLOPs (README)
   elif "pixel" in words:
-    model.channels = 128
-    model.channel_mult = (1, 1, 2, 2, 4, 4)
-    model.num_res_blocks = 2
-    model.attention_resolutions = (32, 16, 8)
-    model.dropout = 0.1
+    model.unet.channels = 128
+    model.unet.channel_mult = (1, 1, 2, 2, 4, 4)
+    model.unet.num_res_blocks = 2
+    model.unet.attention_resolutions = (32, 16, 8)
+    model.unet.dropout = 0.1
   else:
-    model.channels = 224                      # LDM's LSUN-churches latent U-Net width
-    model.channel_mult = (1, 2, 4)
-    model.num_res_blocks = 2
-    model.attention_resolutions = (16, 8)
-    model.num_heads = 8
-    model.norm_groups = 32
-    model.dropout = 0.1
+    model.unet.channels = 224                 # LDM's LSUN-churches latent U-Net width
+    model.unet.channel_mult = (1, 2, 4)
+    model.unet.num_res_blocks = 2
+    model.unet.attention_resolutions = (16, 8)
+    model.unet.num_heads = 8
+    model.unet.norm_groups = 32
+    model.unet.dropout = 0.1
 
   config.optimizer.learning_rate = 1e-4
   config.optimizer.warmup_steps = 5_000

@@ -26,13 +26,13 @@ def get_config(arg=None):
   config.model.parametrization = "v"
   config.model.num_classes = 10       # class-conditional, with classifier-free guidance
   config.model.label_dropout = 0.1
-  config.model.channels = 16          # 16/32/64 channels at 32²/16²/8²: cheap full-res convs
-  config.model.channel_mult = (1, 2, 4)
-  config.model.num_res_blocks = 1
-  config.model.attention_resolutions = (8,)
-  config.model.norm_groups = 8
-  config.model.num_heads = 2
-  config.model.dropout = 0.0
+  config.model.unet.channels = 16     # 16/32/64 channels at 32²/16²/8²: cheap full-res convs
+  config.model.unet.channel_mult = (1, 2, 4)
+  config.model.unet.num_res_blocks = 1
+  config.model.unet.attention_resolutions = (8,)
+  config.model.unet.norm_groups = 8
+  config.model.unet.num_heads = 2
+  config.model.unet.dropout = 0.0
 
   config.diffusion.patch_size = 2     # one noise level per 2×2 patch: a 16×16 level map
 

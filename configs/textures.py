@@ -25,12 +25,12 @@ def get_config(arg=None):
   config.model.name = "unet"
   config.model.parametrization = "eps"
   config.model.num_classes = 3
-  config.model.channels = 32
-  config.model.channel_mult = (1, 2, 2)
-  config.model.num_res_blocks = 1
-  config.model.attention_resolutions = (8,)
-  config.model.norm_groups = 8
-  config.model.dropout = 0.0
+  config.model.unet.channels = 32
+  config.model.unet.channel_mult = (1, 2, 2)
+  config.model.unet.num_res_blocks = 1
+  config.model.unet.attention_resolutions = (8,)
+  config.model.unet.norm_groups = 8
+  config.model.unet.dropout = 0.0
 
   config.diffusion.patch_size = 2
 

@@ -66,7 +66,7 @@ def test_dataset_configs_validate(name, variant, debug, tmp_path):
   assert config.is_locked
   if debug:
     assert config.num_steps <= 10 and config.data.batch_size <= 8
-    assert config.model.channels <= 16 and config.model.get("dit_hidden_size") in (None, 32)
+    assert config.model.unet.channels <= 16 and config.model.dit.hidden_size == 32
     assert max(builders.data_shape(config)[:2]) <= 16  # pixels, or the latents of 32² images
     validation.validate_topology(config)  # batch 8 on the 8 test devices
 
@@ -89,7 +89,7 @@ def test_imagenet_variants(arg, source, model, shape):
   if source == "latents":
     assert config.vae.name == "sd" and not config.sampling.clip_x0
   if model == "dit":
-    assert (config.model.dit_size, config.model.dit_patch) == ("XL", 2)
+    assert (config.model.dit.size, config.model.dit.patch) == ("XL", 2)
 
 
 def test_lsun_categories_and_models():

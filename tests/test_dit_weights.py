@@ -276,7 +276,7 @@ def _init_from_config(path):
   config.data.source = "synthetic"
   config.init_from = str(path)
   config.model.level_embedding = "dit"
-  config.model.adaln = "block"  # DiT's weights need DiT's adaLN (the config's is adaLN-single)
+  config.model.dit.adaln = "block"  # DiT's weights need DiT's adaLN (the config's is adaLN-single)
   return config
 
 
@@ -319,10 +319,10 @@ def test_init_from_is_checked_before_compiling(tmp_path, monkeypatch):
   validation.validate_config(config)
   for field, value, message in (
       ("level_embedding", "t", "set model.level_embedding='dit'"),
-      ("adaln", "single", "model.adaln='block'"),
+      ("dit.adaln", "single", "model.dit.adaln='block'"),
       ("parametrization", "v", "DiT predicts ε"),
       ("name", "unet", "set model.name='dit'")):
     bad = config.copy_and_resolve_references()
-    bad.model[field] = value
+    bad.update_from_flattened_dict({f"model.{field}": value})
     with pytest.raises(validation.ConfigError, match=message):
       validation.validate_config(bad)

@@ -121,10 +121,11 @@ def _tiny_model(name, data_shape, level_patch, num_classes=0):
   from asyncpatch_jax import models
 
   config = models.default_config()
-  config.update({"name": name, "channels": 8, "channel_mult": (1,), "num_res_blocks": 1,
-                 "attention_resolutions": (), "norm_groups": 4, "num_heads": 2,
-                 "dit_hidden_size": 16, "dit_depth": 1, "dit_num_heads": 2, "dit_patch": 1,
-                 "dropout": 0.0, "num_classes": num_classes, "level_slots": 0})
+  config.update({"name": name, "num_classes": num_classes, "level_slots": 0,
+                 "unet": {"channels": 8, "channel_mult": (1,), "num_res_blocks": 1,
+                          "attention_resolutions": (), "norm_groups": 4, "num_heads": 2,
+                          "dropout": 0.0},
+                 "dit": {"hidden_size": 16, "depth": 1, "num_heads": 2, "patch": 1}})
   return models.get_model(config, data_shape=data_shape, level_patch_size=level_patch,
                           schedule=SCHEDULE, rngs=nnx.Rngs(0))
 

@@ -25,17 +25,9 @@ def tiny_config(name: str, **overrides):
   config = models.default_config()
   config.name = name
   config.num_classes = NUM_CLASSES
-  config.channels = 16
-  config.channel_mult = (1, 2)
-  config.num_res_blocks = 1
-  config.attention_resolutions = (4,)
-  config.norm_groups = 8
-  config.num_heads = 2
-  config.dropout = 0.0
-  config.dit_size = "S"
-  config.dit_hidden_size = 32
-  config.dit_depth = 2
-  config.dit_num_heads = 2
+  config.unet.update(channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(4,), norm_groups=8, num_heads=2, dropout=0.0)
+  config.dit.update(size="S", hidden_size=32, depth=2, num_heads=2)
   config.level_slots = 0  # one compiled path; the tests of the path switch turn the slots on
   config.update(overrides)
   return config
@@ -114,10 +106,10 @@ CASES = [
     ("unet", (8, 8, 3), 4, {}),
     ("unet", (16, 2), 1, {}),
     ("unet", (16, 2), 2, {"uncertainty": True}),
-    ("dit", (8, 8, 3), 1, {"dit_patch": 1}),
-    ("dit", (8, 8, 3), 2, {"dit_patch": 2, "uncertainty": True}),
-    ("dit", (8, 8, 3), 4, {"dit_patch": 2}),
-    ("dit", (16, 2), 2, {"dit_patch": 2, "uncertainty": True}),
+    ("dit", (8, 8, 3), 1, {"dit": {"patch": 1}}),
+    ("dit", (8, 8, 3), 2, {"dit": {"patch": 2}, "uncertainty": True}),
+    ("dit", (8, 8, 3), 4, {"dit": {"patch": 2}}),
+    ("dit", (16, 2), 2, {"dit": {"patch": 2}, "uncertainty": True}),
 ]
 CASE_IDS = [f"{n}-{len(s) - 1}d-p{p}-{o}" for n, s, p, o in CASES]
 
@@ -198,7 +190,7 @@ def test_zero_init_is_calibrated_for_unit_data():
   data_shape, p = (8, 8, 1), 8
   for parametrization in ("eps", "v", "x0"):
     model = build(tiny_config("dit", uncertainty=True, parametrization=parametrization,
-                              dit_patch=8), data_shape, p, randomize=False)
+                              dit={"patch": 8}), data_shape, p, randomize=False)
     k1, k2 = jax.random.split(jax.random.key(parametrization == "v"))
     x0 = jax.random.normal(k1, (4096, *data_shape))
     eps = jax.random.normal(k2, x0.shape)
@@ -357,7 +349,7 @@ def dit_reference_count(hidden, depth, patch, tokens, in_ch=4, out_ch=8, classes
                                             ("XL", 675.1)])
 def test_dit_parameter_counts(size, published):
   config = models.default_config()
-  config.update(name="dit", dit_size=size, dit_patch=2, num_classes=1000, uncertainty=True)
+  config.update(name="dit", dit={"size": size, "patch": 2}, num_classes=1000, uncertainty=True)
   model = nnx.eval_shape(lambda: models.get_model(config, data_shape=(32, 32, 4),
                                                   level_patch_size=2, schedule=SCHEDULE,
                                                   rngs=nnx.Rngs(0)))
@@ -426,19 +418,19 @@ def test_bad_configs_raise_clear_errors():
   with pytest.raises(ValueError, match=r"unknown model.name 'vit'.*\['dit', 'unet'\]"):
     build(tiny_config("vit"), (8, 8, 3), 1)
   with pytest.raises(ValueError, match=r"size 30, not divisible by the DiT patch size 4"):
-    build(tiny_config("dit", dit_patch=4), (30, 32, 4), 4)
+    build(tiny_config("dit", dit={"patch": 4}), (30, 32, 4), 4)
   with pytest.raises(ValueError, match=r"level patch size 1 must be a multiple of the DiT patch"):
-    build(tiny_config("dit", dit_patch=2), (8, 8, 3), 1)
+    build(tiny_config("dit", dit={"patch": 2}), (8, 8, 3), 1)
   with pytest.raises(ValueError, match=r"not divisible by the level patch size 3"):
     build(tiny_config("unet"), (8, 8, 3), 3)
   with pytest.raises(ValueError, match=r"size 6, not divisible by the U-Net's total downsampl"):
-    build(tiny_config("unet", channel_mult=(1, 1, 2)), (6, 8, 3), 1)
+    build(tiny_config("unet", unet={"channel_mult": (1, 1, 2)}), (6, 8, 3), 1)
   with pytest.raises(ValueError, match=r"not divisible by norm_groups 32"):
-    build(tiny_config("unet", norm_groups=32), (8, 8, 3), 1)
+    build(tiny_config("unet", unet={"norm_groups": 32}), (8, 8, 3), 1)
   with pytest.raises(ValueError, match=r"unknown model.parametrization 'score'"):
     build(tiny_config("unet", parametrization="score"), (8, 8, 3), 1)
-  with pytest.raises(ValueError, match=r"unknown model.dit_size 'M'"):
-    build(tiny_config("dit", dit_size="M"), (8, 8, 3), 2)
+  with pytest.raises(ValueError, match=r"unknown model.dit.size 'M'"):
+    build(tiny_config("dit", dit={"size": "M"}), (8, 8, 3), 2)
   with pytest.raises(ValueError, match=r"unknown model dtype 'float16'"):
     build(tiny_config("dit", dtype="float16"), (8, 8, 3), 2)
 

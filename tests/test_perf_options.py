@@ -23,9 +23,10 @@ SCHEDULE = get_schedule("cosine")
 
 def tiny(name: str, **overrides):
   config = models.default_config()
-  config.update(name=name, num_classes=5, channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                attention_resolutions=(4,), norm_groups=8, num_heads=2, dropout=0.0,
-                dit_hidden_size=32, dit_depth=3, dit_num_heads=2, level_slots=0)
+  config.update(name=name, num_classes=5, level_slots=0,
+                unet=dict(channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                          attention_resolutions=(4,), norm_groups=8, num_heads=2, dropout=0.0),
+                dit=dict(hidden_size=32, depth=3, num_heads=2))
   config.update(overrides)
   return config
 
@@ -84,7 +85,7 @@ def test_remat_gives_the_same_loss_and_gradients(name, remat, dropout):
 
 def test_scan_layers_initialises_as_the_unrolled_blocks_stacked():
   unrolled = build(tiny("dit"), randomize=False)
-  scanned = build(tiny("dit", scan_layers=True), randomize=False)
+  scanned = build(tiny("dit", dit={"scan_layers": True}), randomize=False)
   assert jax.tree.leaves(nnx.state(scanned.blocks))[0].shape[0] == 3
   assert_trees_close(nnx.state(scanned.blocks, nnx.Param),
                      nnx.state(stack_blocks(list(unrolled.blocks)), nnx.Param), atol=0)
@@ -97,7 +98,7 @@ def test_scan_layers_equals_unrolled():
   """Same weights, scanned or unrolled: the same outputs (per-token and scalar levels) and
   gradients (the scanned gradient is the unrolled one stacked)."""
   unrolled = build(tiny("dit"))
-  scanned = build(tiny("dit", scan_layers=True), randomize=False)
+  scanned = build(tiny("dit", dit={"scan_layers": True}), randomize=False)
   graphdef, _ = nnx.split(scanned)
   copy = nnx.merge(*nnx.split(unrolled))
   copy.blocks = stack_blocks(list(copy.blocks))
@@ -127,7 +128,7 @@ def test_attention_is_standard_multi_head_attention(implementation):
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_gradients():
-  model = build(tiny("dit", dtype="bfloat16", scan_layers=True, remat="full"))
+  model = build(tiny("dit", dtype="bfloat16", remat="full", dit={"scan_layers": True}))
   z, t, labels = inputs(model)
   loss, grads = loss_and_grads(model, z, t, labels)
   assert np.isfinite(float(loss))
@@ -140,8 +141,6 @@ def test_bfloat16_compute_keeps_float32_parameters_and_gradients():
 def test_bad_options_are_rejected():
   with pytest.raises(ValueError, match=r"unknown model.remat 'everything'"):
     build(tiny("dit", remat="everything"), randomize=False)
-  with pytest.raises(ValueError, match="scan_layers applies to the DiT only"):
-    build(tiny("unet", scan_layers=True), randomize=False)
   with pytest.raises(ValueError, match="peak_tflops must be >= 0"):
     perf.peak_tflops(override=-1.0)
 
@@ -150,7 +149,7 @@ def test_analytic_dit_flops_match_xla():
   """The DiT's analytic train FLOPs (matmuls + attention) against XLA's count of a forward and
   backward pass, and DiT-S/2's published forward GFLOPs (6.06 at 256×256 images = 32×32×4
   latents; the per-token adaLN adds ~1.5×)."""
-  model = build(tiny("dit", dit_hidden_size=64, dit_depth=2), data_shape=(16, 16, 4),
+  model = build(tiny("dit", dit={"hidden_size": 64, "depth": 2}), data_shape=(16, 16, 4),
                 randomize=False)
   z, t, labels = inputs(model, batch=4)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -161,8 +160,9 @@ def test_analytic_dit_flops_match_xla():
   xla = perf.lowered_flops(jax.jit(jax.grad(loss)), params)
   assert xla is not None
   assert abs(model.train_flops(4) / xla - 1) < 0.05, (model.train_flops(4), xla)
-  dit_s = nnx.eval_shape(lambda: build(tiny("dit", dit_size="S", dit_hidden_size=None,
-                                            dit_depth=None, dit_num_heads=None, num_classes=1000),
+  dit_s = nnx.eval_shape(lambda: build(tiny("dit", num_classes=1000,
+                                            dit={"size": "S", "hidden_size": None, "depth": None,
+                                                 "num_heads": None}),
                                        data_shape=(32, 32, 4), randomize=False))
   assert abs(dit_s.forward_flops(per_token=False) / 2 / 6.06e9 - 1) < 0.02
   assert 1.4 < dit_s.forward_flops() / dit_s.forward_flops(per_token=False) < 1.55
@@ -193,7 +193,7 @@ def test_step_throughput_reports_images_per_second_and_mfu():
 
   throughput = perf.StepThroughput(Config, model, num_devices=1)
   assert throughput.model_flops == model.train_flops(16)
-  assert config.remat == "" and not config.scan_layers
+  assert config.remat == "" and not config.dit.scan_layers
   jitted = jax.jit(lambda state, batch: (state + batch.sum(), batch))
   line = throughput.start(jitted, jnp.zeros(()), jnp.ones((16, 4)), step=1, now=10.0)
   assert "FLOPs per train step (batch 16)" in line and "XLA" in line

@@ -28,10 +28,11 @@ def test_memory_per_chip_and_step_time_arithmetic():
 def _tiny(name: str, remat: str):
   config = base.get_config("debug")
   with config.unlocked():
-    config.model.update(name=name, dtype="bfloat16", num_classes=10, dit_hidden_size=64,
-                        dit_depth=4, dit_num_heads=2, channels=32, channel_mult=(1, 2),
-                        num_res_blocks=1, attention_resolutions=(8,), norm_groups=8,
-                        num_heads=2, dropout=0.0, remat=remat, uncertainty=True)
+    config.model.update(name=name, dtype="bfloat16", num_classes=10, remat=remat,
+                        uncertainty=True, dit=dict(hidden_size=64, depth=4, num_heads=2),
+                        unet=dict(channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                  attention_resolutions=(8,), norm_groups=8, num_heads=2,
+                                  dropout=0.0))
     config.data.update(image_size=16, channels=4, num_classes=10)
     config.diffusion.patch_size = 2
   return config

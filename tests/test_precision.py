@@ -176,15 +176,10 @@ def test_adaln_single_bf16_trains_close_to_float32():
 def test_adaln_option_is_validated():
   with pytest.raises(ValueError, match="unknown DiT adaln 'shared'"):
     dit("shared")
-  config = models.default_config()
-  config.update(name="unet", adaln="single")
-  with pytest.raises(ValueError, match=r"model\.adaln applies to the DiT only"):
-    models.get_model(config, data_shape=(8, 8, 3), level_patch_size=1, schedule=None,
-                     rngs=nnx.Rngs(0))
   from configs import base
   cfg = base.get_config("debug")
-  cfg.model.adaln = "per_token"
-  with pytest.raises(ValueError, match=r"model\.adaln"):
+  cfg.model.dit.adaln = "per_token"
+  with pytest.raises(ValueError, match=r"model\.dit\.adaln"):
     validation.validate_config(cfg)
 
 
@@ -243,10 +238,10 @@ def test_cpu_and_standard_kernels_compute_the_same_function(name):
   """A bf16 network under both kernels: the same loss and gradients within bf16 rounding; the
   'cpu' path traces the custom-VJP forms, the standard path none (plain autodiff)."""
   config = models.default_config()
-  config.update(name=name, dtype="bfloat16", num_classes=5, dit_size="S", dit_hidden_size=32,
-                dit_depth=2, dit_num_heads=2, channels=16, channel_mult=(1, 2),
-                num_res_blocks=1, attention_resolutions=(4,), norm_groups=8, num_heads=2,
-                dropout=0.0)
+  config.update(name=name, dtype="bfloat16", num_classes=5,
+                dit=dict(size="S", hidden_size=32, depth=2, num_heads=2),
+                unet=dict(channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                          attention_resolutions=(4,), norm_groups=8, num_heads=2, dropout=0.0))
   model = randomise(models.get_model(config, data_shape=(8, 8, 3), level_patch_size=2,
                                      schedule=get_schedule("cosine"), rngs=nnx.Rngs(0)), seed=3)
   z, labels = rand(2, 8, 8, 3), jnp.array([1, 2])
@@ -269,8 +264,8 @@ def test_kernels_choice_is_logged_and_validated(caplog, monkeypatch):
   # The choice is logged when it changes: forget what earlier tests in this process logged.
   monkeypatch.setattr(precision, "_logged", None)
   config = models.default_config()
-  config.update(name="dit", dit_size="S", dit_hidden_size=32, dit_depth=1, dit_num_heads=2,
-                kernels="standard")
+  config.update(name="dit", kernels="standard",
+                dit=dict(size="S", hidden_size=32, depth=1, num_heads=2))
   # absl's logger has its own level, which an earlier test's flag parsing may have raised.
   with precision.kernels_scope("auto"), caplog.at_level("INFO", logger="absl"):
     models.get_model(config, data_shape=(8, 8, 3), level_patch_size=2, schedule=None,

@@ -282,10 +282,10 @@ def test_missing_checkpoint_and_different_model_config_are_clear_errors(workdir,
     sample_job.sample_from_checkpoint(_config(), tmp_path / "empty")
   assert not (tmp_path / "empty").exists()
   config = _config(output_dir=str(tmp_path))
-  config.model.channels = 32
+  config.model.unet.channels = 32
   config.diffusion.patch_size = 2
   with pytest.raises(ValueError, match=r"different model config \(diffusion.patch_size: 1 in "
-                     r"the checkpoint, 2 now; model.channels: 16 in the checkpoint, 32 now\)"):
+                     r"the checkpoint, 2 now; model.unet.channels: 16 in the checkpoint, 32 now\)"):
     sample_job.sample_from_checkpoint(config, workdir)
   assert _files(tmp_path) == []
 
@@ -310,7 +310,7 @@ def test_config_differences_ignore_sampling_and_training_only_fields():
 
   saved = json.loads(_config().to_json_best_effort())
   config = _config(num_steps=9, strategy="adaptive")
-  config.model.dropout, config.model.level_slots = 0.3, 0
+  config.model.unet.dropout, config.model.level_slots = 0.3, 0
   config.optimizer.learning_rate, config.optimizer.grad_clip_norm = 1.0, 0.5
   config.data.batch_size = 64
   assert restore.config_differences(saved, config) == {}
@@ -320,6 +320,13 @@ def test_config_differences_ignore_sampling_and_training_only_fields():
                                                             "model.parametrization"}
   del saved["model"]["parametrization"]  # a checkpoint older than a field: not compared
   assert set(restore.config_differences(saved, config)) == {"optimizer.grad_clip_norm"}
+  config.model.dit.size = "XL"  # a U-Net reads no model.dit
+  assert set(restore.config_differences(saved, config)) == {"optimizer.grad_clip_norm"}
+  saved["model"]["channels"] = 16  # a config of the flat layout before model.unet / model.dit
+  assert restore.unknown_fields(saved, config) == ["model.channels"]
+  with pytest.raises(restore.IncompatibleCheckpointError,
+                     match=r"another layout: its fields model.channels do not exist"):
+    restore.check_compatible(saved, config, "W")
 
 
 def test_parse_options():

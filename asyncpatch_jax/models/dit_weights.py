@@ -151,7 +151,7 @@ def dit_name(path: tuple[Any, ...]) -> str:
 def _check_model(model: DiT) -> None:
   if not isinstance(model, DiT) or model.adaln != "block":
     raise ValueError("DiT checkpoints map onto our DiT with adaln='block' (DiT's adaLN-Zero); "
-                     "set model.name='dit' and model.adaln='block'")
+                     "set model.name='dit' and model.dit.adaln='block'")
   if len(model.grid) != 2:
     raise ValueError(f"DiT checkpoints are for 2-D inputs; this DiT's inputs are "
                      f"{model.data_shape}")
@@ -221,7 +221,7 @@ def dit_params(checkpoint: DiTCheckpoint, model: DiT) -> tuple[nnx.State, list[s
     lines = [f"DiT checkpoint {checkpoint.path or '(tensors)'} ({checkpoint.source}) does not "
              f"fit the configured network:", f"  the file: {found.describe()}",
              f"  the config: {ours.describe()}",
-             "  (set model.dit_size / dit_hidden_size, dit_depth, dit_num_heads, dit_patch, "
+             "  (set model.dit.size / hidden_size, depth, num_heads, patch, "
              "model.num_classes and data.image_size to match the file)"]
     for title, items in (("missing", missing), ("mis-shaped", misshaped),
                          ("unexpected", unexpected)):

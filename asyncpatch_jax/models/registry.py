@@ -16,7 +16,8 @@ from asyncpatch_jax.models.unet import UNet
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every model field with its default; training configs override what they need."""
+  """Every model field with its default; training configs override what they need. The fields
+  at the top are read by both networks; `unet` and `dit` hold what only that network reads."""
   config = ml_collections.ConfigDict()
   config.name = "unet"  # 'unet' (the paper's) or 'dit'
   config.parametrization = "eps"  # what the network outputs: 'eps', 'x0' or 'v'
@@ -41,28 +42,33 @@ def default_config() -> ml_collections.ConfigDict:
   # Recompute each block in the backward pass: '' (off), 'full', 'dots_saveable' or
   # 'dots_with_no_batch_dims_saveable' (what is kept; see models/common.py). Saves memory.
   config.remat = ""
-  config.scan_layers = False  # DiT: one nnx.scan over stacked blocks (fast compile when deep)
 
-  # U-Net (ADM-style).
-  config.channels = 128
-  config.channel_mult = (1, 2, 2, 2)
-  config.num_res_blocks = 2
-  config.attention_resolutions = (16,)  # spatial sizes (first spatial axis) with attention
-  config.dropout = 0.1
-  config.num_heads = 4
-  config.norm_groups = 32
+  # U-Net (ADM-style): UNet's constructor keywords.
+  config.unet = ml_collections.ConfigDict({
+      "channels": 128,
+      "channel_mult": (1, 2, 2, 2),
+      "num_res_blocks": 2,
+      "attention_resolutions": (16,),  # spatial sizes (first spatial axis) with attention
+      "dropout": 0.1,
+      "num_heads": 4,
+      "norm_groups": 32,
+  })
 
   # DiT: size and patch name the published model (e.g. 'XL' and 2 for DiT-XL/2).
-  config.dit_size = "B"  # 'S', 'B', 'L' or 'XL'
-  config.dit_patch = 2
-  config.dit_hidden_size = ml_collections.config_dict.placeholder(int)  # overrides the size's
-  config.dit_depth = ml_collections.config_dict.placeholder(int)
-  config.dit_num_heads = ml_collections.config_dict.placeholder(int)
-  config.dit_mlp_ratio = 4.0
-  # 'block': DiT's adaLN-Zero, every block projects the (per-token) conditioning; 'single':
-  # PixArt-α's adaLN-single, one projection shared by all blocks plus per-block tables: per-token
-  # levels then cost ≈ +5% FLOPs instead of ≈ +47% (models/dit.py). Changes the parameters.
-  config.adaln = "block"
+  config.dit = ml_collections.ConfigDict({
+      "size": "B",  # 'S', 'B', 'L' or 'XL'
+      "patch": 2,
+      "hidden_size": ml_collections.config_dict.placeholder(int),  # None: the size's
+      "depth": ml_collections.config_dict.placeholder(int),
+      "num_heads": ml_collections.config_dict.placeholder(int),
+      "mlp_ratio": 4.0,
+      # 'block': DiT's adaLN-Zero, every block projects the (per-token) conditioning; 'single':
+      # PixArt-α's adaLN-single, one projection shared by all blocks plus per-block tables:
+      # per-token levels then cost ≈ +5% FLOPs instead of ≈ +47% (models/dit.py). Changes the
+      # parameters.
+      "adaln": "block",
+      "scan_layers": False,  # one nnx.scan over stacked blocks (fast compile when deep)
+  })
   return config
 
 
@@ -87,35 +93,32 @@ def _common_kwargs(config: ml_collections.ConfigDict, data_shape, level_patch_si
 
 
 def build_unet(config, *, data_shape, level_patch_size, schedule, rngs) -> UNet:
-  if config.scan_layers:
-    raise ValueError("model.scan_layers applies to the DiT only (the U-Net's blocks differ in "
-                     "shape); set model.scan_layers=False")
-  if config.get("adaln", "block") != "block":
-    raise ValueError("model.adaln applies to the DiT only (the U-Net's FiLM is per block); set "
-                     "model.adaln='block'")
-  return UNet(channels=int(config.channels), channel_mult=tuple(config.channel_mult),
-              num_res_blocks=int(config.num_res_blocks),
-              attention_resolutions=tuple(config.attention_resolutions),
-              dropout=float(config.dropout), num_heads=int(config.num_heads),
-              norm_groups=int(config.norm_groups),
+  """The U-Net of `config.unet` (its fields are UNet's keywords)."""
+  unet = config.unet
+  return UNet(channels=int(unet.channels), channel_mult=tuple(unet.channel_mult),
+              num_res_blocks=int(unet.num_res_blocks),
+              attention_resolutions=tuple(unet.attention_resolutions),
+              dropout=float(unet.dropout), num_heads=int(unet.num_heads),
+              norm_groups=int(unet.norm_groups),
               **_common_kwargs(config, data_shape, level_patch_size, schedule, rngs))
 
 
-def dit_dimensions(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(hidden size, depth, heads) of `config.dit_size`, with any `dit_*` overrides applied."""
-  if config.dit_size not in DIT_SIZES:
-    raise ValueError(f"unknown model.dit_size {config.dit_size!r}; choose one of "
-                     f"{list(DIT_SIZES)}")
-  hidden, depth, heads = DIT_SIZES[config.dit_size]
-  return (config.dit_hidden_size or hidden, config.dit_depth or depth,
-          config.dit_num_heads or heads)
+def dit_dimensions(dit: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(hidden size, depth, heads) of `model.dit.size`, with any of `model.dit.hidden_size`,
+  `depth`, `num_heads` that is set overriding the size's."""
+  if dit.size not in DIT_SIZES:
+    raise ValueError(f"unknown model.dit.size {dit.size!r}; choose one of {list(DIT_SIZES)}")
+  hidden, depth, heads = DIT_SIZES[dit.size]
+  return dit.hidden_size or hidden, dit.depth or depth, dit.num_heads or heads
 
 
 def build_dit(config, *, data_shape, level_patch_size, schedule, rngs) -> DiT:
-  hidden, depth, heads = dit_dimensions(config)
-  return DiT(patch_size=int(config.dit_patch), hidden_size=hidden, depth=depth, num_heads=heads,
-             mlp_ratio=float(config.dit_mlp_ratio), scan_layers=bool(config.scan_layers),
-             adaln=str(config.get("adaln", "block")),
+  """The DiT of `config.dit`."""
+  dit = config.dit
+  hidden, depth, heads = dit_dimensions(dit)
+  return DiT(patch_size=int(dit.patch), hidden_size=hidden, depth=depth, num_heads=heads,
+             mlp_ratio=float(dit.mlp_ratio), scan_layers=bool(dit.scan_layers),
+             adaln=str(dit.adaln),
              **_common_kwargs(config, data_shape, level_patch_size, schedule, rngs))
 
 

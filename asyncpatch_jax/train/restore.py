@@ -4,9 +4,12 @@ A checkpoint holds the train state of one config. Reading it with another config
 deep inside Orbax (a parameter of another shape, another tree) or, worse, succeeds and means
 something else (another parametrisation, schedule or patch size). `check_compatible` compares
 the config saved with the checkpoint against the current one on the fields that fix the
-parameters and their meaning (`MODEL_FIELDS`) and names every difference; everything else
-(sampling, data pipeline, learning rate, batch size, …) may differ freely. The sample,
-inpaint and eval jobs (and notebooks) restore through here, read-only.
+parameters and their meaning (`MODEL_FIELDS`, less `FREE_FIELDS` and the section of the network
+not used, e.g. `model.unet` for a DiT) and names every difference; everything else (sampling,
+data pipeline, learning rate, batch size, …) may differ freely. A saved config with fields this
+version lacks (a config of another layout, e.g. from before `model.unet` / `model.dit`) is
+refused too, naming them. The sample, inpaint and eval jobs (and notebooks) restore through
+here, read-only.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, NamedTuple
 from etils import epath
 from flax import nnx
 
+from asyncpatch_jax import models
 from asyncpatch_jax.train import checkpoint as ckpt_lib
 from asyncpatch_jax.train import optimizer as opt_lib
 from asyncpatch_jax.train import state as state_lib
@@ -26,9 +30,9 @@ from asyncpatch_jax.train import workdir as workdir_lib
 MODEL_FIELDS = ("model", "data.image_size", "data.channels", "diffusion.patch_size",
                 "diffusion.schedule", "diffusion.log_snr_min", "diffusion.log_snr_max",
                 "optimizer.name", "optimizer.ema_decays", "optimizer.grad_clip_norm")
-# config.model fields that change neither the parameters nor the function they compute.
-FREE_MODEL_FIELDS = ("dropout", "label_dropout", "level_slots", "dtype", "attention_impl",
-                     "remat", "kernels")
+# Model fields that change neither the parameters nor the function they compute.
+FREE_FIELDS = ("model.unet.dropout", "model.label_dropout", "model.level_slots", "model.dtype",
+               "model.attention_impl", "model.remat", "model.kernels")
 RAW_PARAMS = "params"
 
 
@@ -60,27 +64,44 @@ def _normalise(field: str, value: Any) -> Any:
   return value
 
 
+def _leaves(value: Any, path: str) -> dict[str, Any]:
+  if not isinstance(value, Mapping):
+    return {path: value}
+  out = {}
+  for key, sub in value.items():
+    out.update(_leaves(sub, f"{path}.{key}"))
+  return out
+
+
 def _compared(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The leaves under `MODEL_FIELDS` by dotted path, less `FREE_FIELDS`."""
   out = {}
   for field in MODEL_FIELDS:
     found, value = _lookup(config, field)
-    if not found:
-      continue
-    if isinstance(value, Mapping):
-      for key, sub in value.items():
-        if field == "model" and key in FREE_MODEL_FIELDS:
-          continue
-        out[f"{field}.{key}"] = sub
-    else:
-      out[field] = value
-  return out
+    if found:
+      out.update(_leaves(value, field))
+  return {k: v for k, v in out.items() if k not in FREE_FIELDS}
+
+
+def _unused(fields: Mapping[str, Any]) -> set[str]:
+  """The fields of the networks other than `model.name` (a DiT reads no `model.unet`)."""
+  others = [f"model.{name}." for name in models.MODELS if name != fields.get("model.name")]
+  return {k for k in fields if k.startswith(tuple(others))}
+
+
+def unknown_fields(saved: Mapping[str, Any], config: Any) -> list[str]:
+  """The model fields of the `saved` config that the current one lacks: the checkpoint was
+  written by a version whose config had another layout."""
+  return sorted(_compared(saved).keys() - _compared(_as_dict(config)).keys())
 
 
 def config_differences(saved: Mapping[str, Any], config: Any) -> dict[str, tuple[Any, Any]]:
   """{field: (saved value, current value)} over `MODEL_FIELDS`; a field missing on either side
-  (a checkpoint older than the field) is not compared."""
+  (a checkpoint older than the field; see `unknown_fields` for the other way round), and the
+  fields of the network not used on either side, are not compared."""
   old, new = _compared(saved), _compared(_as_dict(config))
-  return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
+  fields = (old.keys() & new.keys()) - _unused(old) - _unused(new)
+  return {k: (old[k], new[k]) for k in sorted(fields)
           if _normalise(k, old[k]) != _normalise(k, new[k])}
 
 
@@ -90,7 +111,14 @@ class IncompatibleCheckpointError(ValueError):
 
 def check_compatible(saved: Mapping[str, Any], config: Any, where: str) -> None:
   """Raises `IncompatibleCheckpointError` naming each model field where `config` differs from
-  the `saved` one."""
+  the `saved` one, or every field of `saved` that the current config lacks."""
+  unknown = unknown_fields(saved, config)
+  if unknown:
+    raise IncompatibleCheckpointError(
+        f"the checkpoint in {where} was written with a config of another layout: its fields "
+        f"{', '.join(unknown)} do not exist in this version's config (the model config nests "
+        f"the networks' own fields as model.unet.* and model.dit.*). Read it with the version "
+        f"of asyncpatch_jax that wrote it, or train anew")
   diff = config_differences(saved, config)
   if diff:
     lines = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new)

@@ -182,10 +182,10 @@ def _validate_init_from(config: Any) -> None:
   """`init_from`: DiT weights, read into our DiT where it computes DiT's function
   (models/dit_weights.py checks the file's names and shapes when it is read)."""
   model, path = config.model, str(config.init_from)
-  _require(model.name == "dit" and model.get("adaln", "block") == "block",
+  _require(model.name == "dit" and model.dit.adaln == "block",
            f"init_from={path!r} holds DiT weights, which fit our DiT with DiT's adaLN: set "
-           f"model.name='dit' and model.adaln='block' (got {model.name!r}, "
-           f"{model.get('adaln', 'block')!r})")
+           f"model.name='dit' and model.dit.adaln='block' (got {model.name!r}, "
+           f"{model.dit.adaln!r})")
   _require(model.level_embedding == "dit",
            f"init_from: DiT's timestep embedder was trained on DiT's timesteps; set "
            f"model.level_embedding='dit' (got {model.level_embedding!r})")
@@ -287,17 +287,18 @@ _FIELDS: tuple[tuple[str, str, Any, str], ...] = (
     ("model.dtype", _STR, lambda v: v in model_common.DTYPES, f"one of {model_common.DTYPES}"),
     ("model.remat", _STR, lambda v: not v or v in model_common.REMAT_POLICIES,
      f"'' (off) or one of {sorted(model_common.REMAT_POLICIES)}"),
-    ("model.scan_layers", _BOOL, None, ""),
-    ("model.channels", _INT, lambda v: v >= 1, ">= 1"),
-    ("model.num_res_blocks", _INT, lambda v: v >= 1, ">= 1"),
-    ("model.dropout", _FLOAT, lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("model.num_heads", _INT, lambda v: v >= 1, ">= 1"),
-    ("model.norm_groups", _INT, lambda v: v >= 1, ">= 1"),
-    ("model.dit_size", _STR, lambda v: v in model_registry.DIT_SIZES,
+    ("model.dit.scan_layers", _BOOL, None, ""),
+    ("model.unet.channels", _INT, lambda v: v >= 1, ">= 1"),
+    ("model.unet.num_res_blocks", _INT, lambda v: v >= 1, ">= 1"),
+    ("model.unet.dropout", _FLOAT, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.unet.num_heads", _INT, lambda v: v >= 1, ">= 1"),
+    ("model.unet.norm_groups", _INT, lambda v: v >= 1, ">= 1"),
+    ("model.dit.size", _STR, lambda v: v in model_registry.DIT_SIZES,
      f"one of {list(model_registry.DIT_SIZES)}"),
-    ("model.dit_patch", _INT, lambda v: v >= 1, ">= 1"),
-    ("model.dit_mlp_ratio", _FLOAT, lambda v: v > 0, "positive"),
-    ("model.adaln", _STR, lambda v: v in model_dit.ADALN_KINDS, f"one of {model_dit.ADALN_KINDS}"),
+    ("model.dit.patch", _INT, lambda v: v >= 1, ">= 1"),
+    ("model.dit.mlp_ratio", _FLOAT, lambda v: v > 0, "positive"),
+    ("model.dit.adaln", _STR, lambda v: v in model_dit.ADALN_KINDS,
+     f"one of {model_dit.ADALN_KINDS}"),
     ("model.kernels", _STR, lambda v: v in model_precision.KERNELS,
      f"one of {model_precision.KERNELS}"),
     ("optimizer.name", _STR, lambda v: v == "adamw", "'adamw' (the only one provided)"),
@@ -392,21 +393,22 @@ def _validate_fields(config: Any) -> None:
   _require(float(diff.log_snr_min) < float(diff.log_snr_max),
            f"diffusion.log_snr_min={diff.log_snr_min} must be below diffusion.log_snr_max="
            f"{diff.log_snr_max}")
-  _require(_is_int_tuple(model.channel_mult, minimum=1) and len(model.channel_mult) > 0,
-           f"model.channel_mult must be a non-empty tuple of integers >= 1, got "
-           f"{model.channel_mult!r}")
-  _require(_is_int_tuple(model.attention_resolutions, minimum=1),
-           f"model.attention_resolutions must be a tuple of spatial sizes >= 1, got "
-           f"{model.attention_resolutions!r}")
+  unet = model.unet
+  _require(_is_int_tuple(unet.channel_mult, minimum=1) and len(unet.channel_mult) > 0,
+           f"model.unet.channel_mult must be a non-empty tuple of integers >= 1, got "
+           f"{unet.channel_mult!r}")
+  _require(_is_int_tuple(unet.attention_resolutions, minimum=1),
+           f"model.unet.attention_resolutions must be a tuple of spatial sizes >= 1, got "
+           f"{unet.attention_resolutions!r}")
   decays = config.optimizer.ema_decays
   _require(isinstance(decays, tuple | list) and len(decays) > 0
            and all(_has_type(d, _FLOAT) and 0 < d < 1 for d in decays),
            f"optimizer.ema_decays must be a non-empty tuple of decays in (0, 1), got {decays!r}")
-  for key in ("dit_hidden_size", "dit_depth", "dit_num_heads"):
-    value = model.get(key)
+  for key in ("hidden_size", "depth", "num_heads"):
+    value = model.dit[key]
     _require(value is None or (_has_type(value, _INT) and value >= 1),
-             f"model.{key} must be None (the dit_size's value) or an integer >= 1, got "
-             f"{value!r}")
+             f"model.dit.{key} must be None (the value of model.dit.size) or an integer >= 1, "
+             f"got {value!r}")
   _require(model.get("attention_impl") in (None, "xla", "cudnn"),
            f"model.attention_impl must be None (automatic), 'xla' or 'cudnn', got "
            f"{model.get('attention_impl')!r}")
@@ -420,21 +422,19 @@ def _validate_fields(config: Any) -> None:
              f"model.dtype='bfloat16', or model.attention_impl to None or 'xla' "
              f"(model.dtype={model.dtype!r})")
   if model.name == "unet":
-    widths = [int(model.channels) * int(m) for m in model.channel_mult]
-    _require(all(w % int(model.norm_groups) == 0 for w in widths),
-             f"the U-Net widths {widths} (model.channels × model.channel_mult) must be multiples "
-             f"of model.norm_groups={model.norm_groups}; change either")
-    _require(not model.scan_layers, "model.scan_layers applies to the DiT only; set it False")
-    _require(model.get("adaln", "block") == "block",
-             "model.adaln applies to the DiT only; set it 'block'")
+    unet = model.unet
+    widths = [int(unet.channels) * int(m) for m in unet.channel_mult]
+    _require(all(w % int(unet.norm_groups) == 0 for w in widths),
+             f"the U-Net widths {widths} (model.unet.channels × model.unet.channel_mult) must be "
+             f"multiples of model.unet.norm_groups={unet.norm_groups}; change either")
   elif model.name == "dit":
-    hidden, _, heads = model_registry.dit_dimensions(model)
+    hidden, _, heads = model_registry.dit_dimensions(model.dit)
     _require(hidden % heads == 0 and hidden % 4 == 0,
              f"the DiT hidden size {hidden} must be a multiple of 4 and of its {heads} heads; set "
-             f"model.dit_hidden_size / model.dit_num_heads (or model.dit_size)")
-    size = int(config.data.image_size)
-    _require(sources.latent_data(config.data) or size % int(model.dit_patch) == 0,
-             f"model.dit_patch={model.dit_patch} must divide data.image_size={size}")
+             f"model.dit.hidden_size / model.dit.num_heads (or model.dit.size)")
+    size, patch = int(config.data.image_size), int(model.dit.patch)
+    _require(sources.latent_data(config.data) or size % patch == 0,
+             f"model.dit.patch={patch} must divide data.image_size={size}")
   level_sampler = config.diffusion.level_sampler
   if level_sampler.get("name") == "mixture":
     weights = {k: c.get("weight", 1.0) for k, c in dict(level_sampler.components).items()}

@@ -86,7 +86,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     overrides = [a for a in argv if a.startswith("--config.") and name in a] or [
         a for a in argv if a.startswith("--config.")]
     user_errors.fail(f"unknown config field {name!r} in {overrides}; every field is defined in "
-                     f"configs/base.py (and models.default_config() for config.model)")
+                     f"asyncpatch_jax/train/defaults.py (and models.default_config() for "
+                     f"config.model)")
   except flags.Error as e:
     user_errors.fail(_flag_error(e))
 

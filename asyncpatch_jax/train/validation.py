@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import jax
+import ml_collections
 from etils import epath
 
 from asyncpatch_jax import diffusion
@@ -27,6 +29,7 @@ from asyncpatch_jax.models import registry as model_registry
 from asyncpatch_jax.sampling import masks
 from asyncpatch_jax.sampling import sampler as sampler_lib
 from asyncpatch_jax.train import builders, file_paths, sample_io
+from asyncpatch_jax.train import defaults as defaults_lib
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
 
@@ -240,117 +243,103 @@ def describe_mesh(data: int, fsdp: int) -> str:
   return f"mesh data={data} × fsdp={fsdp} = {math.prod((data, fsdp))} devices"
 
 
-# Every scalar field: (path, type, test, what it must be). `_validate_fields` runs these first,
-# so later checks can convert values without a raw TypeError / ValueError.
+# A field's type is its default's (train/defaults.py); the locked config enforces it on every
+# override, and `_validate_fields` checks it again for a config built some other way, where it
+# also refuses a bool for a number and NaN / inf. What a type cannot say is below: one row per
+# range rule, (path, test, what the value must be).
 _INT, _FLOAT, _BOOL, _STR = "an integer", "a number", "True or False", "a string"
+_KINDS = {bool: _BOOL, int: _INT, float: _FLOAT, str: _STR}
+# Not type-checked from the defaults: a config may swap the level sampler for another one
+# (level_samplers.from_config checks it).
+_UNTYPED = ("diffusion.level_sampler",)
 
 
 def _words(value: str) -> set[str]:
   return {w.strip() for w in value.split(",") if w.strip()}
 
-_FIELDS: tuple[tuple[str, str, Any, str], ...] = (
-    ("seed", _INT, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-    ("num_steps", _INT, lambda v: v > 0, "positive"),
-    ("train_minutes", _FLOAT, lambda v: v >= 0, ">= 0 (0: run num_steps)"),
-    ("init_from", _STR, None, ""),
-    ("data.source", _STR, None, ""),
-    ("data.image_size", _INT, lambda v: v > 0, "positive"),
-    ("data.channels", _INT, lambda v: v in (1, 3), "1 or 3"),
-    ("data.num_classes", _INT, lambda v: v >= 0, ">= 0"),
-    ("data.batch_size", _INT, lambda v: v > 0, "positive (the global batch)"),
-    ("data.random_flip", _BOOL, None, ""),
-    ("data.seed", _INT, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-    ("data.train_split", _STR, bool, "non-empty (e.g. 'train')"),
-    ("data.eval_split", _STR, bool, "non-empty (e.g. 'test')"),
-    ("data.texture_crops_per_epoch", _INT, lambda v: v >= 1, ">= 1"),
-    ("data.texture_scale", _FLOAT, lambda v: v > 0, "positive"),
-    ("data.read_threads", _INT, lambda v: v >= 1, ">= 1"),
-    ("data.prefetch_buffer_size", _INT, lambda v: v >= 0, ">= 0"),
-    ("data.worker_count", _INT, lambda v: v >= 0, ">= 0 (0: read in this process)"),
-    ("data.worker_buffer_size", _INT, lambda v: v >= 1, ">= 1"),
-    ("data.max_bad_records", _INT, lambda v: v >= 0, ">= 0 (0: stop at the first bad image)"),
-    ("diffusion.schedule", _STR, None, ""),
-    ("diffusion.log_snr_min", _FLOAT, None, ""),
-    ("diffusion.log_snr_max", _FLOAT, None, ""),
-    ("diffusion.patch_size", _INT, lambda v: v >= 1, ">= 1"),
-    ("diffusion.weighting", _STR, None, ""),
-    ("diffusion.variance_weight", _FLOAT, lambda v: v >= 0, ">= 0"),
-    ("model.name", _STR, lambda v: v in model_registry.MODELS,
+
+_RANGES: tuple[tuple[str, Any, str], ...] = (
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("num_steps", lambda v: v > 0, "positive"),
+    ("train_minutes", lambda v: v >= 0, ">= 0 (0: run num_steps)"),
+    ("data.image_size", lambda v: v > 0, "positive"),
+    ("data.channels", lambda v: v in (1, 3), "1 or 3"),
+    ("data.num_classes", lambda v: v >= 0, ">= 0"),
+    ("data.batch_size", lambda v: v > 0, "positive (the global batch)"),
+    ("data.seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("data.train_split", bool, "non-empty (e.g. 'train')"),
+    ("data.eval_split", bool, "non-empty (e.g. 'test')"),
+    ("data.texture_crops_per_epoch", lambda v: v >= 1, ">= 1"),
+    ("data.texture_scale", lambda v: v > 0, "positive"),
+    ("data.read_threads", lambda v: v >= 1, ">= 1"),
+    ("data.prefetch_buffer_size", lambda v: v >= 0, ">= 0"),
+    ("data.worker_count", lambda v: v >= 0, ">= 0 (0: read in this process)"),
+    ("data.worker_buffer_size", lambda v: v >= 1, ">= 1"),
+    ("data.max_bad_records", lambda v: v >= 0, ">= 0 (0: stop at the first bad image)"),
+    ("diffusion.patch_size", lambda v: v >= 1, ">= 1"),
+    ("diffusion.variance_weight", lambda v: v >= 0, ">= 0"),
+    ("model.name", lambda v: v in model_registry.MODELS,
      f"one of {sorted(model_registry.MODELS)}"),
-    ("model.parametrization", _STR, None, ""),
-    ("model.uncertainty", _BOOL, None, ""),
-    ("model.num_classes", _INT, lambda v: v >= 0, ">= 0 (0: unconditional)"),
-    ("model.label_dropout", _FLOAT, lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("model.level_embedding", _STR, lambda v: v in model_embeddings.LEVEL_EMBEDDINGS,
+    ("model.num_classes", lambda v: v >= 0, ">= 0 (0: unconditional)"),
+    ("model.label_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.level_embedding", lambda v: v in model_embeddings.LEVEL_EMBEDDINGS,
      f"one of {model_embeddings.LEVEL_EMBEDDINGS}"),
-    ("model.level_slots", _INT, lambda v: v >= 0, ">= 0 (0: off)"),
-    ("model.dtype", _STR, lambda v: v in model_common.DTYPES, f"one of {model_common.DTYPES}"),
-    ("model.remat", _STR, lambda v: not v or v in model_common.REMAT_POLICIES,
+    ("model.level_slots", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("model.dtype", lambda v: v in model_common.DTYPES, f"one of {model_common.DTYPES}"),
+    ("model.remat", lambda v: not v or v in model_common.REMAT_POLICIES,
      f"'' (off) or one of {sorted(model_common.REMAT_POLICIES)}"),
-    ("model.dit.scan_layers", _BOOL, None, ""),
-    ("model.unet.channels", _INT, lambda v: v >= 1, ">= 1"),
-    ("model.unet.num_res_blocks", _INT, lambda v: v >= 1, ">= 1"),
-    ("model.unet.dropout", _FLOAT, lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("model.unet.num_heads", _INT, lambda v: v >= 1, ">= 1"),
-    ("model.unet.norm_groups", _INT, lambda v: v >= 1, ">= 1"),
-    ("model.dit.size", _STR, lambda v: v in model_registry.DIT_SIZES,
-     f"one of {list(model_registry.DIT_SIZES)}"),
-    ("model.dit.patch", _INT, lambda v: v >= 1, ">= 1"),
-    ("model.dit.mlp_ratio", _FLOAT, lambda v: v > 0, "positive"),
-    ("model.dit.adaln", _STR, lambda v: v in model_dit.ADALN_KINDS,
-     f"one of {model_dit.ADALN_KINDS}"),
-    ("model.kernels", _STR, lambda v: v in model_precision.KERNELS,
+    ("model.kernels", lambda v: v in model_precision.KERNELS,
      f"one of {model_precision.KERNELS}"),
-    ("optimizer.name", _STR, lambda v: v == "adamw", "'adamw' (the only one provided)"),
-    ("optimizer.learning_rate", _FLOAT, lambda v: v > 0, "positive"),
-    ("optimizer.warmup_steps", _INT, lambda v: v >= 0, ">= 0"),
-    ("optimizer.schedule", _STR, lambda v: v in opt_lib.SCHEDULES, f"one of {opt_lib.SCHEDULES}"),
-    ("optimizer.end_lr_fraction", _FLOAT, lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("optimizer.b1", _FLOAT, lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("optimizer.b2", _FLOAT, lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("optimizer.eps", _FLOAT, lambda v: v > 0, "positive"),
-    ("optimizer.weight_decay", _FLOAT, lambda v: v >= 0, ">= 0"),
-    ("optimizer.grad_clip_norm", _FLOAT, lambda v: v >= 0, ">= 0 (0: no clipping)"),
-    ("optimizer.grad_accum_steps", _INT, lambda v: v >= 1, ">= 1"),
-    ("optimizer.ema_warmup", _BOOL, None, ""),
-    ("optimizer.skip_nonfinite_updates", _INT, lambda v: v >= 0,
+    ("model.unet.channels", lambda v: v >= 1, ">= 1"),
+    ("model.unet.num_res_blocks", lambda v: v >= 1, ">= 1"),
+    ("model.unet.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.unet.num_heads", lambda v: v >= 1, ">= 1"),
+    ("model.unet.norm_groups", lambda v: v >= 1, ">= 1"),
+    ("model.dit.size", lambda v: v in model_registry.DIT_SIZES,
+     f"one of {list(model_registry.DIT_SIZES)}"),
+    ("model.dit.patch", lambda v: v >= 1, ">= 1"),
+    ("model.dit.mlp_ratio", lambda v: v > 0, "positive"),
+    ("model.dit.adaln", lambda v: v in model_dit.ADALN_KINDS, f"one of {model_dit.ADALN_KINDS}"),
+    ("optimizer.name", lambda v: v == "adamw", "'adamw' (the only one provided)"),
+    ("optimizer.learning_rate", lambda v: v > 0, "positive"),
+    ("optimizer.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optimizer.schedule", lambda v: v in opt_lib.SCHEDULES, f"one of {opt_lib.SCHEDULES}"),
+    ("optimizer.end_lr_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optimizer.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.eps", lambda v: v > 0, "positive"),
+    ("optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optimizer.grad_clip_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    ("optimizer.grad_accum_steps", lambda v: v >= 1, ">= 1"),
+    ("optimizer.skip_nonfinite_updates", lambda v: v >= 0,
      ">= 0 (0: stop at the first non-finite loss)"),
-    ("mesh.data", _INT, lambda v: v == -1 or v >= 1, "-1 (fill) or >= 1"),
-    ("mesh.fsdp", _INT, lambda v: v == -1 or v >= 1, "-1 (fill) or >= 1"),
-    ("mesh.min_shard_size", _INT, lambda v: v >= 0, ">= 0"),
-    ("checkpoint.every_steps", _INT, lambda v: v > 0, "positive"),
-    ("checkpoint.max_to_keep", _INT, lambda v: v >= 0, ">= 0 (0: keep all)"),
-    ("checkpoint.keep_period", _INT, lambda v: v >= 0, ">= 0 (0: none)"),
-    ("checkpoint.async_save", _BOOL, None, ""),
-    ("logging.log_every_steps", _INT, lambda v: v > 0, "positive"),
-    ("logging.profile", _BOOL, None, ""),
-    ("logging.parameter_overview", _BOOL, None, ""),
-    ("eval.every_steps", _INT, lambda v: v >= 0, ">= 0 (0: never during training)"),
-    ("eval.num_batches", _INT, lambda v: v >= 1, ">= 1"),
-    ("eval.elbo_steps", _INT, lambda v: v >= 0, ">= 0 (0: no bits/dim)"),
-    ("eval.paths", _STR, lambda v: 0 < len(_words(v)) and _words(v) <= set(paths.NAMES),
+    ("mesh.data", lambda v: v == -1 or v >= 1, "-1 (fill) or >= 1"),
+    ("mesh.fsdp", lambda v: v == -1 or v >= 1, "-1 (fill) or >= 1"),
+    ("mesh.min_shard_size", lambda v: v >= 0, ">= 0"),
+    ("checkpoint.every_steps", lambda v: v > 0, "positive"),
+    ("checkpoint.max_to_keep", lambda v: v >= 0, ">= 0 (0: keep all)"),
+    ("checkpoint.keep_period", lambda v: v >= 0, ">= 0 (0: none)"),
+    ("logging.log_every_steps", lambda v: v > 0, "positive"),
+    ("logging.peak_tflops", lambda v: v >= 0, ">= 0 (0: from the device table)"),
+    ("eval.every_steps", lambda v: v >= 0, ">= 0 (0: never during training)"),
+    ("eval.num_batches", lambda v: v >= 1, ">= 1"),
+    ("eval.elbo_steps", lambda v: v >= 0, ">= 0 (0: no bits/dim)"),
+    ("eval.paths", lambda v: 0 < len(_words(v)) and _words(v) <= set(paths.NAMES),
      f"a comma-separated list of {', '.join(paths.NAMES)}"),
-    ("eval.fid_samples", _INT, lambda v: v >= 0, ">= 0 (0: no FID)"),
-    ("eval.fid_batch_size", _INT, lambda v: v >= 1, ">= 1"),
-    ("eval.fid_split", _STR, bool, "non-empty (e.g. 'train')"),
-    ("eval.fid_cache_dir", _STR, None, ""),
-    ("eval.fid_reference", _STR, lambda v: not v or v.endswith(".npz"),
+    ("eval.fid_samples", lambda v: v >= 0, ">= 0 (0: no FID)"),
+    ("eval.fid_batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval.fid_split", bool, "non-empty (e.g. 'train')"),
+    ("eval.fid_reference", lambda v: not v or v.endswith(".npz"),
      "'' (the statistics of eval.fid_split) or an ADM reference batch .npz"),
-    ("eval.fid_export", _BOOL, None, ""),
-    ("eval.compare_workdir", _STR, None, ""),
-    ("eval.compare_step", _INT, lambda v: v >= 0, ">= 0 (0: the latest checkpoint)"),
-    ("sampling.every_steps", _INT, lambda v: v >= 0, ">= 0 (0: only at the end)"),
-    ("sampling.num_samples", _INT, lambda v: v >= 1, ">= 1"),
-    ("sampling.num_steps", _INT, lambda v: v >= 1, ">= 1"),
-    ("sampling.strategy", _STR, lambda v: v in sampler_lib.STRATEGIES,
+    ("eval.compare_step", lambda v: v >= 0, ">= 0 (0: the latest checkpoint)"),
+    ("sampling.every_steps", lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("sampling.num_samples", lambda v: v >= 1, ">= 1"),
+    ("sampling.num_steps", lambda v: v >= 1, ">= 1"),
+    ("sampling.strategy", lambda v: v in sampler_lib.STRATEGIES,
      f"one of {sampler_lib.STRATEGIES}"),
-    ("sampling.stochastic", _BOOL, None, ""),
-    ("sampling.clip_x0", _BOOL, None, ""),
-    ("sampling.cfg_scale", _FLOAT, lambda v: v >= 0, ">= 0 (0: no guidance)"),
-    ("sampling.input_guidance", _FLOAT, lambda v: v >= 0, ">= 0 (0: off)"),
-    ("sampling.inpaint_mask", _STR, None, ""),
-    ("sampling.num_inpaint", _INT, lambda v: v >= 0, ">= 0 (0: no inpainting grid)"),
-    ("sampling.ema", _STR, None, ""),
+    ("sampling.cfg_scale", lambda v: v >= 0, ">= 0 (0: no guidance)"),
+    ("sampling.input_guidance", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("sampling.num_inpaint", lambda v: v >= 0, ">= 0 (0: no inpainting grid)"),
 )
 
 
@@ -374,18 +363,34 @@ def _lookup(config: Any, path: str) -> tuple[bool, Any]:
   return True, node
 
 
+def _typed_leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+  """(path, kind) of every bool / int / float / str field of `tree` (a ConfigDict)."""
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if path in _UNTYPED:
+      continue
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _typed_leaves(value, f"{path}.")
+    elif type(value) in _KINDS:
+      yield path, _KINDS[type(value)]
+
+
 def _validate_fields(config: Any) -> None:
-  """Type and range of every scalar field in `_FIELDS`, then the structured ones: tuples, the
-  schedule's range, the network's widths vs heads and groups."""
-  for path, kind, test, requirement in _FIELDS:
+  """Every scalar field's type (its default's) and the `_RANGES`, then the structured ones:
+  tuples, the schedule's range, the network's widths vs heads and groups."""
+  requirements = {path: requirement for path, _, requirement in _RANGES}
+  for path, kind in _typed_leaves(defaults_lib.defaults()):
     present, value = _lookup(config, path)
     if not present:
       continue  # absent from this config: the section checks (or the builder) cover it
+    requirement = requirements.get(path)
     _require(_has_type(value, kind),
              f"config.{path} must be {kind}{' ' + requirement if requirement else ''}, got "
              f"{value!r} ({type(value).__name__}); fix it in the config or with "
              f"--config.{path}=...")
-    _require(test is None or bool(test(value)),
+  for path, test, requirement in _RANGES:
+    present, value = _lookup(config, path)
+    _require(not present or bool(test(value)),
              f"config.{path} must be {requirement}, got {value!r}; fix it in the config or with "
              f"--config.{path}=...")
 

@@ -14,7 +14,7 @@ from asyncpatch_jax.train import eval_job, trainer, validation
 def _config():
   config = test_evaluate._config()
   config.num_steps = 4  # checkpoints at steps 2 and 4
-  config.eval.paths = "homogeneous,raster"
+  config.eval.paths = ("homogeneous", "raster")
   return config
 
 

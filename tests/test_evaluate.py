@@ -26,7 +26,7 @@ def _config():
   config.num_steps = 2
   config.sampling.num_inpaint = 0
   config.eval.elbo_steps = 2
-  config.eval.paths = "homogeneous,raster,random"
+  config.eval.paths = ("homogeneous", "raster", "random")
   config.data.eval_split = "test"
   return config
 
@@ -41,10 +41,10 @@ def trained(tmp_path_factory):
 def test_path_names_and_paths():
   assert eval_job.path_names(_config().eval) == ("homogeneous", "raster", "random")
   config = _config()
-  config.eval.paths = "homogeneous, zigzag"
+  config.eval.paths = ("homogeneous", "zigzag")
   with pytest.raises(ValueError, match="zigzag"):
     eval_job.path_names(config.eval)
-  config.eval.paths = " , "
+  config.eval.paths = ()
   with pytest.raises(ValueError, match=r"eval\.paths"):
     eval_job.path_names(config.eval)
   grid = (3, 2, 4)
@@ -104,7 +104,7 @@ def test_eval_mode_writes_bpd_per_path_and_fid(trained, monkeypatch, tmp_path):
 
 def test_eval_rejects_bad_paths_before_work(trained):
   config = _config()
-  config.eval.paths = "spiral"
+  config.eval.paths = ("spiral",)
   with pytest.raises(ValueError, match="spiral"):
     eval_job.evaluate(config, trained)
 

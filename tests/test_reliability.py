@@ -183,7 +183,7 @@ _BAD_FIELDS = [
     ({"mesh.fsdp": 0}, r"config.mesh.fsdp must be -1 \(fill\) or >= 1"),
     ({"checkpoint.async_save": "yes"}, "config.checkpoint.async_save must be True or False"),
     ({"eval.num_batches": 0}, "config.eval.num_batches must be >= 1"),
-    ({"eval.paths": "homogeneous,zigzag"}, "config.eval.paths must be a comma-separated list"),
+    ({"eval.paths": ("homogeneous", "zigzag")}, "config.eval.paths must be a non-empty tuple"),
     ({"eval.fid_batch_size": 0}, "config.eval.fid_batch_size must be >= 1"),
     ({"sampling.strategy": "zigzag"}, "config.sampling.strategy must be one of"),
     ({"sampling.cfg_scale": -1.0}, "config.sampling.cfg_scale must be >= 0"),

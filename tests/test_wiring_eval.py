@@ -44,7 +44,7 @@ def _config():
   config.checkpoint.async_save = False
   config.sampling.num_inpaint = 0
   config.eval.elbo_steps = ELBO_STEPS
-  config.eval.paths = "homogeneous"
+  config.eval.paths = ("homogeneous",)
   return config
 
 

@@ -121,7 +121,7 @@ def defaults() -> ml_collections.ConfigDict:
       "every_steps": 10_000,          # 0: never during training
       "num_batches": 8,               # global batches of the eval split per evaluation
       "elbo_steps": 0,                # > 0: also bits/dim along each of `paths`
-      "paths": "homogeneous",         # comma-separated: homogeneous, raster, random
+      "paths": ("homogeneous",),      # a tuple of homogeneous, raster, random
       # --mode=eval's FID protocol, set per config (README, "FID protocols"): this many samples
       # (0: no FID) from config.sampling's sampler, steps and cfg_scale, against
       "fid_samples": 0,

@@ -49,15 +49,16 @@ PATHS = paths.NAMES
 
 
 def path_names(eval_config: Any) -> tuple[str, ...]:
-  """`eval.paths` ('homogeneous,raster' or a tuple) as names, each checked against `PATHS`."""
+  """`eval.paths`, a tuple of names, each checked against `PATHS`."""
   names = eval_config.paths
-  names = names.split(",") if isinstance(names, str) else list(names)
-  names = tuple(n.strip() for n in names if n.strip())
+  if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+    raise ValueError(f"eval.paths={names!r} must be a tuple of path names, e.g. "
+                     f"--config.eval.paths=\"('homogeneous','raster')\"")
   unknown = [n for n in names if n not in PATHS]
   if unknown or not names:
-    raise ValueError(f"eval.paths={eval_config.paths!r}: unknown path(s) {unknown}; choose "
-                     f"one or more of {PATHS}, comma-separated")
-  return names
+    raise ValueError(f"eval.paths={names!r}: unknown path(s) {unknown}; choose one or more of "
+                     f"{PATHS}")
+  return tuple(names)
 
 
 def make_path(name: str, grid: tuple[int, ...], key: jax.Array) -> paths.Path:

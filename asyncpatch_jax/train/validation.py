@@ -254,10 +254,6 @@ _KINDS = {bool: _BOOL, int: _INT, float: _FLOAT, str: _STR}
 _UNTYPED = ("diffusion.level_sampler",)
 
 
-def _words(value: str) -> set[str]:
-  return {w.strip() for w in value.split(",") if w.strip()}
-
-
 _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("num_steps", lambda v: v > 0, "positive"),
@@ -324,8 +320,9 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("eval.every_steps", lambda v: v >= 0, ">= 0 (0: never during training)"),
     ("eval.num_batches", lambda v: v >= 1, ">= 1"),
     ("eval.elbo_steps", lambda v: v >= 0, ">= 0 (0: no bits/dim)"),
-    ("eval.paths", lambda v: 0 < len(_words(v)) and _words(v) <= set(paths.NAMES),
-     f"a comma-separated list of {', '.join(paths.NAMES)}"),
+    ("eval.paths", lambda v: isinstance(v, tuple | list) and 0 < len(v)
+     and all(isinstance(n, str) and n in paths.NAMES for n in v),
+     f"a non-empty tuple of names from {paths.NAMES}, e.g. ('homogeneous', 'raster')"),
     ("eval.fid_samples", lambda v: v >= 0, ">= 0 (0: no FID)"),
     ("eval.fid_batch_size", lambda v: v >= 1, ">= 1"),
     ("eval.fid_split", bool, "non-empty (e.g. 'train')"),

@@ -100,8 +100,7 @@ def _config(**sampling):
   config.checkpoint.every_steps = 1
   config.checkpoint.async_save = False
   config.sampling.num_samples = 2
-  for key, value in sampling.items():
-    config.sampling[key] = value
+  config.sampling.update(sampling)  # nested: e.g. autoregressive={"group_shape": 4}
   return config
 
 
@@ -177,13 +176,15 @@ def test_named_step_and_level_gif_for_autoregressive(workdir, tmp_path):
   from asyncpatch_jax.train import sample_job
 
   config = _config(checkpoint_step=1, strategy="autoregressive", num_steps=8,
-                   strategy_options="group_shape=4,overlap=0.0", output_dir=str(tmp_path))
+                   autoregressive={"group_shape": 4, "overlap": 0.0}, output_dir=str(tmp_path))
   out = sample_job.sample_from_checkpoint(config, workdir)
   assert out["step"] == 1 and "step00000001_autoregressive" in out["folder"].name
   plan = make_plan("autoregressive", (8, 8), 8, schedule="cosine", group_shape=4, overlap=0.0)
   record = json.loads((out["folder"] / "settings.json").read_text())
   assert record["nfe"] == plan.max_steps == 8 and record["checkpoint_step"] == 1
-  assert record["strategy_options_parsed"] == {"group_shape": 4, "overlap": 0.0}
+  assert record["strategy"] == "autoregressive" and record["strategy_options"] == {
+      "order": "raster", "group_shape": 4, "overlap": 0.0, "x0_draw": "mean", "update": None,
+      "guidance_level": 0.5}
   with Image.open(out["folder"] / "levels.gif") as im:
     assert im.n_frames == 9
   config.sampling.checkpoint_step = 7
@@ -329,14 +330,22 @@ def test_config_differences_ignore_sampling_and_training_only_fields():
     restore.check_compatible(saved, config, "W")
 
 
-def test_parse_options():
-  from asyncpatch_jax.train.sample_io import parse_options
+def test_strategy_options_are_config_fields():
+  from asyncpatch_jax.sampling import sampler
 
-  assert parse_options("") == {}
-  assert parse_options("rule=quantile, speedup=3,quantile=0.25,x=True") == {
-      "rule": "quantile", "speedup": 3, "quantile": 0.25, "x": True}
-  with pytest.raises(ValueError, match="'name=value' pairs"):
-    parse_options("speedup")
+  config = _config(strategy="adaptive")
+  assert sampler.strategy_kwargs("uniform", config.sampling) == {}
+  config.sampling.adaptive.rule = "quantile"
+  config.sampling.adaptive.quantile.speedup = 3
+  assert sampler.strategy_kwargs("adaptive", config.sampling) == {
+      "rule": "quantile", "quantile": 0.5, "speedup": 3, "data_variance": 1.0}
+  config.sampling.autoregressive.group_shape = "row"  # an int, a tuple or a layout name
+  assert sampler.strategy_kwargs("autoregressive", config.sampling) == {
+      "order": "raster", "group_shape": "row"}
+  with pytest.raises(AttributeError, match="speedp"):  # the locked config refuses a typo
+    config.sampling.adaptive.quantile.speedp = 3
+  with pytest.raises(TypeError):
+    config.sampling.adaptive.quantile.speedup = "fast"
 
 
 def test_traced_input_guidance_compiles_once_and_zero_equals_no_guidance():
@@ -384,16 +393,16 @@ def test_make_sample_fn_traces_the_guidance_weights(workdir):
 
 
 @pytest.mark.parametrize("strategy, options, bad", [
-    ("adaptive", "", True),
-    ("autoregressive", "order=certainty,steps_per_group=2", True),
-    ("uniform", "x0_draw=every", True),
-    ("uniform", "x0_draw=mean", False),
-    ("autoregressive", "order=spiral,group_shape=row", False),
+    ("adaptive", {}, True),
+    ("autoregressive", {"autoregressive": {"order": "certainty", "steps_per_group": 2}}, True),
+    ("uniform", {"x0_draw": "every"}, True),
+    ("uniform", {"x0_draw": "mean"}, False),
+    ("autoregressive", {"autoregressive": {"order": "spiral", "group_shape": "row"}}, False),
 ])
 def test_strategies_needing_the_uncertainty_head_are_refused_at_start_up(strategy, options, bad):
   from asyncpatch_jax.train import validation
 
-  config = _config(strategy=strategy, strategy_options=options)
+  config = _config(strategy=strategy, **options)
   config.model.uncertainty = False
   if bad:
     with pytest.raises(validation.ConfigError, match=r"model\.uncertainty=False"):

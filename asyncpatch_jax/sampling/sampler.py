@@ -17,12 +17,14 @@ samples as an unsharded one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from asyncpatch_jax.diffusion import (
@@ -53,11 +55,54 @@ _STRATEGY_KWARGS = {
     "autoregressive": ("order", "steps_per_group", "overlap", "group_shape"),
     "repaint": ("jump_length", "resample"),
 }
-_RULE_KWARGS = {
-    "budget": ("exponent", "max_speedup", "reference", "data_variance", "relative"),
-    "step_size": ("exponent", "max_speedup", "data_variance"),
-    "quantile": ("quantile", "speedup", "data_variance"),
-}
+_RULE_PLANS = {"budget": adaptive.BudgetPlan, "step_size": adaptive.StepSizePlan,
+               "quantile": adaptive.QuantilePlan}
+
+
+def _rule_defaults(rule: str) -> dict[str, Any]:
+  """An adaptive rule's keywords with their defaults: its plan's fields but the budget and
+  schedule."""
+  return {f.name: f.default for f in dataclasses.fields(_RULE_PLANS[rule])
+          if f.init and f.name not in ("num_steps", "schedule")}
+
+
+_RULE_KWARGS = {rule: tuple(_rule_defaults(rule)) for rule in _RULE_PLANS}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Each strategy's keywords with their defaults, one section per strategy ('uniform' takes
+  none); a run's config holds them as `config.sampling.<strategy>.<keyword>`. 'adaptive' takes
+  `rule` and the keywords of that rule, `adaptive.<rule>.*` (`adaptive.py`'s plans)."""
+  placeholder = ml_collections.config_dict.placeholder
+  return ml_collections.ConfigDict({
+      "adaptive": {"rule": "budget", **{rule: _rule_defaults(rule) for rule in _RULE_PLANS}},
+      "autoregressive": {
+          "order": "raster",  # 'raster', 'spiral' (centre-out) or 'certainty'
+          "steps_per_group": placeholder(int),  # None: what fits num_steps
+          # None: 0, or with steps_per_group the overlap that fits num_steps.
+          "overlap": placeholder(float),
+          # Tokens per group along each axis (an int or a tuple), or 'token', 'row', 'column',
+          # 'block<b>'; any type, checked by plans.AutoregressivePlan.
+          "group_shape": ml_collections.FieldReference(1, field_type=object),
+      },
+      "repaint": {"jump_length": 10, "resample": 10},
+  })
+
+
+def strategy_kwargs(strategy: str, options: Any) -> dict[str, Any]:
+  """The keywords of `sample(strategy=strategy, ...)` held in `options` (shaped as
+  `default_config()`, e.g. a run's `config.sampling`): the strategy's section, for 'adaptive' its
+  `rule` and that rule's section. Unset (None) keywords are left out: the sampler's default."""
+  if strategy == "adaptive":
+    rule = options.adaptive.rule
+    if rule not in _RULE_PLANS:
+      raise ValueError(f"unknown adaptive rule {rule!r}; choose one of {adaptive.ADAPTIVE_RULES}")
+    kwargs = {"rule": rule, **options.adaptive[rule].to_dict()}
+  elif strategy in ("autoregressive", "repaint"):
+    kwargs = options[strategy].to_dict()
+  else:
+    kwargs = {}
+  return {k: v for k, v in kwargs.items() if v is not None}
 
 
 @flax.struct.dataclass

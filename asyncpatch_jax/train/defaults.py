@@ -11,6 +11,8 @@ import ml_collections
 
 from asyncpatch_jax import models
 from asyncpatch_jax.diffusion import level_samplers
+from asyncpatch_jax.sampling import sampler as sampler_lib
+from asyncpatch_jax.sampling.input_guidance import DEFAULT_GUIDANCE_LEVEL
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -162,8 +164,14 @@ def defaults() -> ml_collections.ConfigDict:
       "inpaint_mask": "half",         # the known region of the inpainting grid
       "num_inpaint": 16,
       "ema": "",                      # which EMA to sample from ('' = the first decay)
+      # x0_draw: 'mean' (x̂0), 'last' / 'every' (draws with the uncertainty head's variance);
+      # update_rule (sample's `update`): None (from stochastic), 'ancestral', 'ddim' or 'heun';
+      # guidance_level: the level the context is re-noised to for input guidance
+      # (sampling/sampler.py, `sample`).
+      "x0_draw": "mean",
+      "update_rule": ml_collections.config_dict.placeholder(str),
+      "guidance_level": DEFAULT_GUIDANCE_LEVEL,
       # --mode=sample / inpaint (README, "Sampling"):
-      "strategy_options": "",         # the strategy's keywords, e.g. 'rule=quantile,speedup=3'
       "checkpoint_step": 0,           # the checkpoint to read (0 = the latest)
       "batch_size": 0,                # samples per compiled call (0 = num_samples at once)
       "output_dir": "",               # '' = <workdir>/samples; each run gets a fresh folder
@@ -171,4 +179,8 @@ def defaults() -> ml_collections.ConfigDict:
       "mask": "",                     # a PNG (white = known) or a mask name ('' = inpaint_mask)
       "mask_invert": False,           # the PNG is white = hole (LaMa's convention)
   })
+  # Each strategy's keywords: sampling.adaptive (rule, and adaptive.<rule>.*),
+  # sampling.autoregressive, sampling.repaint (sampling/sampler.py, `default_config`).
+  for strategy, options in sampler_lib.default_config().items():
+    config.sampling[strategy] = options
   return config

@@ -5,13 +5,12 @@
 when inpainting), `settings.json` (every setting plus the NFE) and `levels.gif` (when the run
 recorded its level maps). Every file is written to a temporary name in the same folder and
 renamed into place, so a crash leaves either the previous file or the new one, never half of
-one (`file_io`). `load_images` reads the inpainting inputs (PIL), `parse_options` the strategy's
-keywords. Host-side input and output, kept out of the pure-JAX `sampling` package.
+one (`file_io`). `load_images` reads the inpainting inputs (PIL). Host-side input and output,
+kept out of the pure-JAX `sampling` package.
 """
 
 from __future__ import annotations
 
-import ast
 import glob
 import os
 from collections.abc import Mapping, Sequence
@@ -23,25 +22,6 @@ from PIL import Image
 from asyncpatch_jax import file_io, pixels, visualize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def parse_options(text: str) -> dict[str, Any]:
-  """'rule=quantile,speedup=3' → {'rule': 'quantile', 'speedup': 3} (numbers, True / False and
-  None are read as Python literals, anything else stays a string); '' → {}."""
-  options: dict[str, Any] = {}
-  for item in (text or "").split(","):
-    if not item.strip():
-      continue
-    key, sep, value = item.partition("=")
-    key, value = key.strip(), value.strip()
-    if not sep or not key.isidentifier():
-      raise ValueError(f"strategy options must be 'name=value' pairs separated by commas, got "
-                       f"{item.strip()!r} in {text!r}")
-    try:
-      options[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      options[key] = value
-  return options
 
 
 def image_paths(spec: str) -> list[str]:

@@ -2,10 +2,11 @@
 
 Both read checkpoint `sampling.checkpoint_step` (0: the latest) of the workdir, after checking
 that it was trained with this config's model (`restore.check_compatible`), and sample with the
-EMA `sampling.ema` using `config.sampling` (strategy, `strategy_options`, steps, stochastic,
-cfg_scale, input guidance), so any of them can change on the command line without retraining,
-e.g. `--config.sampling.num_steps=50 --config.sampling.stochastic=False`. `num_samples` are drawn
-`batch_size` at a time (one compiled program; a progress line per batch).
+EMA `sampling.ema` using `config.sampling` (strategy and its options `sampling.<strategy>.*`,
+steps, stochastic, cfg_scale, input guidance), so any of them can change on the command line
+without retraining, e.g. `--config.sampling.num_steps=50 --config.sampling.stochastic=False`.
+`num_samples` are drawn `batch_size` at a time (one compiled program; a progress line per
+batch).
 
 Each run writes a new folder `<output_dir or workdir/samples>/<mode>_step<N>_<strategy>_<UTC
 time>` through `sample_io.write_outputs`: samples.png, samples.npz, settings.json (the whole
@@ -58,7 +59,6 @@ def _check(config: Any) -> None:
   if int(scfg.checkpoint_step) < 0 or int(scfg.batch_size) < 0:
     raise ValueError(f"sampling.checkpoint_step ({scfg.checkpoint_step}; 0 = latest) and "
                      f"sampling.batch_size ({scfg.batch_size}; 0 = all at once) must be >= 0")
-  sample_io.parse_options(scfg.strategy_options)
 
 
 def _mask(config: Any, num: int) -> np.ndarray:
@@ -137,8 +137,8 @@ def _settings(config: Any, mode: str, directory: str, step: int, ema: str, total
   return {"mode": mode, "checkpoint": f"{directory}/{step}", "checkpoint_step": step,
           "ema": ema, "num_samples": total, "batch_size": batch,
           "num_batches": math.ceil(total / batch), "nfe_per_batch": info["nfe_per_batch"],
-          "strategy_options_parsed": sample_io.parse_options(
-              config.sampling.strategy_options),
+          "strategy": config.sampling.strategy,
+          "strategy_options": samples_lib.sampler_options(config.sampling),
           "sampling": config.sampling.to_dict(), "config": config.to_dict(), **extra}
 
 

@@ -29,7 +29,8 @@ from asyncpatch_jax import data as data_lib
 from asyncpatch_jax import diffusion, models, pixels, rng_streams, sampling, visualize
 from asyncpatch_jax.autoencoder import named as named_vae
 from asyncpatch_jax.data import latent_cache, preparation
-from asyncpatch_jax.train import builders, sample_io
+from asyncpatch_jax.sampling import sampler as sampler_lib
+from asyncpatch_jax.train import builders
 from asyncpatch_jax.train import restore as restore_lib
 from asyncpatch_jax.train import state as state_lib
 
@@ -87,6 +88,14 @@ def _class_labels(n: int, num_classes: int) -> jax.Array | None:
   return jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
 
 
+def sampler_options(scfg: Any) -> dict[str, Any]:
+  """The keywords of `sampling.sample` that `config.sampling` sets besides the strategy, steps
+  and guidance: the strategy's own (`sampling.<strategy>`), `x0_draw`, `update` and
+  `guidance_level`."""
+  return {**sampler_lib.strategy_kwargs(scfg.strategy, scfg), "x0_draw": scfg.x0_draw,
+          "update": scfg.update_rule, "guidance_level": float(scfg.guidance_level)}
+
+
 def make_sample_fn(config: Any, setup: state_lib.StateSetup, num: int, *, inpaint: bool,
                    return_info: bool = False) -> Any:
   """jit'd `(params, model_state, key[, known, known_mask, labels, guidance, cfg_scale])
@@ -102,7 +111,7 @@ def make_sample_fn(config: Any, setup: state_lib.StateSetup, num: int, *, inpain
   num_classes = int(config.model.num_classes)
   scfg = config.sampling
   x_shape = (num, *builders.data_shape(config))
-  options = sample_io.parse_options(scfg.strategy_options)
+  options = sampler_options(scfg)
   levels = return_info and scfg.strategy in ("adaptive", "autoregressive")
   latents = data_lib.latent_data(config.data)
 

@@ -26,9 +26,12 @@ from asyncpatch_jax.models import dit as model_dit
 from asyncpatch_jax.models import embeddings as model_embeddings
 from asyncpatch_jax.models import precision as model_precision
 from asyncpatch_jax.models import registry as model_registry
+from asyncpatch_jax.sampling import adaptive as sampling_adaptive
 from asyncpatch_jax.sampling import masks
+from asyncpatch_jax.sampling import plans as sampling_plans
 from asyncpatch_jax.sampling import sampler as sampler_lib
-from asyncpatch_jax.train import builders, file_paths, sample_io
+from asyncpatch_jax.sampling import updates as sampling_updates
+from asyncpatch_jax.train import builders, file_paths
 from asyncpatch_jax.train import defaults as defaults_lib
 from asyncpatch_jax.train import mesh as mesh_lib
 from asyncpatch_jax.train import optimizer as opt_lib
@@ -130,9 +133,10 @@ def validate_config(config: Any) -> None:
   _require(float(sampling.cfg_scale) == 0.0 or num_classes > 0,
            "sampling.cfg_scale needs a class-conditional model (model.num_classes > 0)")
   try:
-    options = sample_io.parse_options(sampling.strategy_options)
+    options = {**sampler_lib.strategy_kwargs(sampling.strategy, sampling),
+               "x0_draw": sampling.x0_draw}
   except ValueError as e:
-    raise ConfigError(f"sampling.strategy_options: {e}") from e
+    raise ConfigError(f"sampling.{sampling.strategy}: {e}") from e
   _require(bool(config.model.uncertainty)
            or not sampler_lib.needs_uncertainty(sampling.strategy, options),
            f"sampling.strategy={sampling.strategy!r} with options {options} reads the uncertainty "
@@ -250,8 +254,9 @@ def describe_mesh(data: int, fsdp: int) -> str:
 _INT, _FLOAT, _BOOL, _STR = "an integer", "a number", "True or False", "a string"
 _KINDS = {bool: _BOOL, int: _INT, float: _FLOAT, str: _STR}
 # Not type-checked from the defaults: a config may swap the level sampler for another one
-# (level_samplers.from_config checks it).
-_UNTYPED = ("diffusion.level_sampler",)
+# (level_samplers.from_config checks it); the autoregressive group shape is an int, a tuple or a
+# name (plans.AutoregressivePlan checks it).
+_UNTYPED = ("diffusion.level_sampler", "sampling.autoregressive.group_shape")
 
 
 _RANGES: tuple[tuple[str, Any, str], ...] = (
@@ -334,6 +339,13 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("sampling.num_steps", lambda v: v >= 1, ">= 1"),
     ("sampling.strategy", lambda v: v in sampler_lib.STRATEGIES,
      f"one of {sampler_lib.STRATEGIES}"),
+    ("sampling.x0_draw", lambda v: v in sampler_lib.X0_DRAWS, f"one of {sampler_lib.X0_DRAWS}"),
+    ("sampling.update_rule", lambda v: v is None or v in sampling_updates.UPDATES,
+     f"None (from sampling.stochastic) or one of {sampling_updates.UPDATES}"),
+    ("sampling.adaptive.rule", lambda v: v in sampling_adaptive.ADAPTIVE_RULES,
+     f"one of {sampling_adaptive.ADAPTIVE_RULES}"),
+    ("sampling.autoregressive.order", lambda v: v in sampling_plans.ORDERS,
+     f"one of {sampling_plans.ORDERS}"),
     ("sampling.cfg_scale", lambda v: v >= 0, ">= 0 (0: no guidance)"),
     ("sampling.input_guidance", lambda v: v >= 0, ">= 0 (0: off)"),
     ("sampling.num_inpaint", lambda v: v >= 0, ">= 0 (0: no inpainting grid)"),

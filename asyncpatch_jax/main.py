@@ -94,8 +94,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def resolve_paths(config: Any, workdir: str) -> tuple[Any, str]:
   """`--workdir`, the config's path fields and `--jax_compilation_cache_dir` made absolute
-  (`train/file_paths.py`), so that no later step depends on the current directory; logged."""
+  (`train/file_paths.py`), so that no later step depends on the current directory; logged. Bucket
+  paths are checked here, before anything compiles (`file_paths.check_urls`)."""
   config, workdir, changed = file_paths.resolve(config, workdir)
+  file_paths.check_urls(config, workdir)
   cache_dir = jax.config.jax_compilation_cache_dir
   if cache_dir and file_paths.absolute(cache_dir) != cache_dir:
     jax.config.update("jax_compilation_cache_dir", file_paths.absolute(cache_dir))

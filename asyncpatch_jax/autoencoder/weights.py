@@ -38,6 +38,7 @@ import jax
 import numpy as np
 import safetensors
 import safetensors.numpy
+from etils import epath
 from flax import nnx
 
 from asyncpatch_jax import file_io
@@ -66,11 +67,13 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
   """All tensors of a safetensors file as numpy arrays, and its `__metadata__`.
 
   Read with the `safetensors` library (memory-mapped, with its checks of the header and byte
-  ranges); a damaged or foreign file is a ValueError naming the path.
+  ranges); a damaged or foreign file is a ValueError naming the path. A bucket URL is read from
+  a temporary local copy (`file_io.local_file`; safetensors opens local files only).
   """
   path = os.fspath(path)
   try:
-    with safetensors.safe_open(path, framework="np") as f:
+    with (file_io.local_file(path) as local,
+          safetensors.safe_open(local, framework="np") as f):
       metadata = f.metadata() or {}
       tensors = {name: f.get_tensor(name) for name in f.keys()}
   except safetensors.SafetensorError as e:
@@ -95,7 +98,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
 
 def file_sha256(path: str | os.PathLike, chunk: int = 2**24) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     while block := f.read(chunk):
       h.update(block)
   return h.hexdigest()
@@ -294,7 +297,7 @@ def load_vae(weights: str | os.PathLike | Mapping[str, np.ndarray],
     tensors, source = weights, "(tensor dict)"
   else:
     path = os.fspath(weights)
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
       raise WeightsNotFoundError(missing_weights_message(path))
     tensors, _ = read_safetensors(path)
     source = repr(path)

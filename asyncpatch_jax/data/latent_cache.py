@@ -13,6 +13,10 @@ log-variance, on the VAE's own (unscaled) latent scale.
 different resolution or with a different scaling factor. `LatentPreprocess` turns a record into a
 training example (pick a view, sample z, scale), seeded by the stream position like
 `data.Preprocess`, so the training pipeline's `TrainStream` takes it in place of `Preprocess`.
+
+`CACHE_DIR` may be a bucket URL (`gs://…`): the metadata is read through `etils.epath`, and the
+shards, which array_record reads from local files, are copied once to local disk
+(`data.staging`) and read from there.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import numpy as np
 # The reader that grain's `ArrayRecordDataSource` wraps, imported without grain so that
 # `data.sources` (the example shapes the train step reads) stays light.
 from array_record.python.array_record_data_source import ArrayRecordDataSource
+from etils import epath
 
 from asyncpatch_jax.autoencoder.vae import AutoencoderKL
 from asyncpatch_jax.autoencoder.weights import params_fingerprint
+from asyncpatch_jax.data import staging
 
 FORMAT = "asyncpatch_jax/latent-cache/v1"
 METADATA = "metadata.json"
@@ -61,13 +67,12 @@ def build_command_hint() -> str:
 
 def read_metadata(cache_dir: str | os.PathLike) -> dict[str, Any]:
   """The cache's `metadata.json`; `LatentCacheNotFoundError` (with the build command) if absent."""
-  path = os.path.join(os.fspath(cache_dir), METADATA)
-  if not os.path.exists(path):
+  path = epath.Path(cache_dir) / METADATA
+  if not path.exists():
     raise LatentCacheNotFoundError(
         f"no latent cache in {os.fspath(cache_dir)!r} (no {METADATA}). Build it once with\n  "
         f"{build_command_hint()}\n(rerun the same command to resume an interrupted build).")
-  with open(path) as f:
-    metadata = json.load(f)
+  metadata = json.loads(path.read_text())
   if metadata.get("format") != FORMAT:
     raise LatentCacheMismatchError(f"{path}: format {metadata.get('format')!r}, this code reads "
                                    f"{FORMAT!r}; rebuild the cache")
@@ -105,7 +110,8 @@ class LatentCacheSource:
   Records are `{'mean': float32 [2, h, w, c], 'logvar': float32 [2, h, w, c], 'label': int}`,
   axis 0 the view (0 the image, 1 its mirror image), on the VAE's unscaled latent scale. Pass
   `vae` (the run's VAE or its fingerprint), `image_size` and/or `scaling_factor` to refuse a
-  cache that does not match them.
+  cache that does not match them. A cache on a bucket is read from a local copy
+  (`data.staging`, made on first use).
   """
 
   def __init__(self, cache_dir: str | os.PathLike, *, vae: AutoencoderKL | str | None = None,
@@ -113,8 +119,8 @@ class LatentCacheSource:
     self.cache_dir = os.fspath(cache_dir)
     self.metadata = read_metadata(self.cache_dir)
     num_shards = self.metadata["num_shards"]
-    paths = [os.path.join(self.cache_dir, shard_name(k, num_shards)) for k in range(num_shards)]
-    missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
+    names = [shard_name(k, num_shards) for k in range(num_shards)]
+    missing = [n for n in names if not (epath.Path(self.cache_dir) / n).exists()]
     if not self.metadata.get("complete") or missing:
       raise LatentCacheNotFoundError(
           f"latent cache {self.cache_dir!r} is incomplete ({num_shards - len(missing)} of "
@@ -127,7 +133,8 @@ class LatentCacheSource:
     self._dtype = np.dtype(self.metadata["storage_dtype"]).newbyteorder("<")
     self._moments_shape = (2, 2, *self.latent_shape)
     self._record_bytes = 4 + math.prod(self._moments_shape) * self._dtype.itemsize
-    self._records = ArrayRecordDataSource(paths)
+    local = epath.Path(staging.stage(self.cache_dir, names))
+    self._records = ArrayRecordDataSource([os.fspath(local / n) for n in names])
     if len(self._records) != self.metadata["num_examples"]:
       raise ValueError(f"latent cache {self.cache_dir!r} holds {len(self._records)} records, "
                        f"its metadata says {self.metadata['num_examples']}; rebuild it")

@@ -4,7 +4,8 @@ A run reads one latent cache per split, `<data.latent_dir>/<split>` (`cache_dir`
 `python -m asyncpatch_jax.latents.build` with the VAE that `config.vae` names
 (`autoencoder.named`), and decodes its samples with that VAE. `missing_preparation(config)`
 lists what is not there yet together with the exact commands that prepare it, so a run fails at
-once (before any compilation) with a recipe instead of a traceback.
+once (before any compilation) with a recipe instead of a traceback. Every path may be a bucket
+URL: existence is checked through `etils.epath`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import shlex
 from typing import Any
 
+from etils import epath
+
 from asyncpatch_jax.autoencoder.named import RANDOM_WEIGHTS
 from asyncpatch_jax.autoencoder.weights import HF_FILENAME, HF_REPOS
 from asyncpatch_jax.data.latent_cache import METADATA, read_metadata
@@ -20,14 +23,14 @@ from asyncpatch_jax.data.latent_cache import METADATA, read_metadata
 
 def cache_dir(data_config: Any, split: str) -> str:
   """Where the latent cache of `split` lives: `<data.latent_dir>/<split>`."""
-  return os.path.join(data_config.latent_dir, split)
+  return os.fspath(epath.Path(data_config.latent_dir) / split)
 
 
 def lsun_lmdb(data_config: Any, split: str) -> str:
   """The LSUN export of a split: `<data.lsun_dir>/<category>_{train,val}_lmdb`."""
   part = "train" if split == "train" else "val"
-  return os.path.join(data_config.lsun_dir or "LSUN_DIR",
-                      f"{data_config.lsun_category}_{part}_lmdb")
+  return os.fspath(epath.Path(data_config.lsun_dir or "LSUN_DIR")
+                   / f"{data_config.lsun_category}_{part}_lmdb")
 
 
 def build_command(config: Any, split: str, tfds_data_dir: str = "") -> str:
@@ -42,7 +45,7 @@ def build_command(config: Any, split: str, tfds_data_dir: str = "") -> str:
              f"--label_key={data.label_key}"]
     if data.tfds_data_dir or tfds_data_dir:
       args.append(f"--tfds_data_dir={data.tfds_data_dir or tfds_data_dir}")
-  weights = vae.weights or os.path.join("VAE_DIR", HF_FILENAME)
+  weights = vae.weights or f"VAE_DIR/{HF_FILENAME}"
   args += [f"--image_size={int(data.image_size)}", f"--vae_config={vae.name}",
            f"--vae_weights={weights}",
            f"--out={cache_dir(data, split) if data.latent_dir else 'LATENT_DIR/' + split}"]
@@ -59,7 +62,7 @@ def needed_splits(config: Any) -> tuple[str, ...]:
 
 
 def _cache_problem(path: str) -> str | None:
-  if not os.path.exists(os.path.join(path, METADATA)):
+  if not (epath.Path(path) / METADATA).exists():
     return f"no latent cache in {path!r} (no {METADATA})"
   metadata = read_metadata(path)
   if not metadata.get("complete"):
@@ -81,7 +84,7 @@ def missing_preparation(config: Any) -> str | None:
   data, vae = config.data, config.vae
   missing, steps = [], []
   weights_missing = not vae.weights or (vae.weights != RANDOM_WEIGHTS
-                                        and not os.path.exists(vae.weights))
+                                        and not epath.Path(vae.weights).exists())
   if weights_missing:
     missing.append("the VAE weights (config.vae.weights is not set)" if not vae.weights else
                    f"the VAE weights file {vae.weights!r}")
@@ -99,7 +102,7 @@ def missing_preparation(config: Any) -> str | None:
     data_dir = ""  # the TFDS directory to name in the commands when it is to be prepared
     if data.lsun_category:
       lmdbs = [lsun_lmdb(data, s) for s in todo]
-      absent = [p for p in lmdbs if not os.path.isdir(p)]
+      absent = [p for p in lmdbs if not epath.Path(p).is_dir()]
       if absent:
         steps.append(f"Download the LSUN {data.lsun_category} LMDB exports (git clone "
                      f"https://github.com/fyu/lsun; python download.py -c {data.lsun_category}; "

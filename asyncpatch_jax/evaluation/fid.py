@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import hashlib
 import os
-import pathlib
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
@@ -230,15 +230,16 @@ class ReferenceStatistics:
   fingerprint: str
 
 
-def _cache_path(cache_dir: str | os.PathLike[str], name: str, fingerprint: str) -> pathlib.Path:
+def _cache_path(cache_dir: str | os.PathLike[str], name: str, fingerprint: str) -> epath.Path:
+  """The statistics file in `cache_dir` (a local folder or a bucket URL)."""
   key = hashlib.sha1(fingerprint.encode()).hexdigest()[:12]
-  return pathlib.Path(cache_dir) / f"fid-ref-{name}-{key}.npz"
+  return epath.Path(cache_dir) / f"fid-ref-{name}-{key}.npz"
 
 
-def _load_cached(path: pathlib.Path, name: str, fingerprint: str,
+def _load_cached(path: epath.Path, name: str, fingerprint: str,
                  keep_features: bool) -> ReferenceStatistics | None:
   try:
-    with np.load(path, allow_pickle=False) as data:
+    with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
       if str(data["fingerprint"]) != fingerprint or str(data["name"]) != name:
         return None
       if keep_features and "features" not in data:

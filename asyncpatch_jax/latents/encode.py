@@ -10,7 +10,10 @@ label into ArrayRecord shards of `shard_size` examples (the layout is `data.late
 A shard is written under a hidden temporary name and renamed when complete (`file_io`), so an
 interrupted build resumes by skipping the complete shards (and rewriting the one it was in).
 Images are cropped as ADM does (`data.preprocess.center_crop_resize`, which upscales the few
-ImageNet images smaller than the crop, as ADM and DiT do).
+ImageNet images smaller than the crop, as ADM and DiT do). The cache folder may be a bucket URL
+(`gs://…`): the metadata goes through `etils.epath` and each shard, which array_record writes to
+a local file, is uploaded when complete (`file_io.atomic_path`). An LSUN export on a bucket is
+copied to local disk first (`data.staging`; LMDB reads local files only).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -35,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 from asyncpatch_jax import file_io, pixels
 from asyncpatch_jax.autoencoder.vae import AutoencoderKL
 from asyncpatch_jax.autoencoder.weights import params_fingerprint
+from asyncpatch_jax.data import staging
 from asyncpatch_jax.data.latent_cache import (
     FORMAT,
     METADATA,
@@ -61,7 +66,7 @@ def vae_identity(vae: AutoencoderKL, weights_file: str | None = None) -> dict[st
   """What identifies the VAE in a cache's metadata (the fingerprint is what is checked)."""
   return {"fingerprint": params_fingerprint(vae), "config": vae.config.to_dict(),
           "compute_dtype": str(vae.dtype),
-          "weights_file": os.path.basename(weights_file) if weights_file else ""}
+          "weights_file": epath.Path(weights_file).name if weights_file else ""}
 
 
 def make_source(source: str, *, image_size: int, tfds_name: str = "", split: str = "train",
@@ -75,13 +80,15 @@ def make_source(source: str, *, image_size: int, tfds_name: str = "", split: str
   if source == "lsun":
     if not lsun_lmdb:
       raise FileNotFoundError("--source=lsun needs --lsun_lmdb=DIR (the export holding data.mdb)")
+    name = epath.Path(lsun_lmdb).name
+    lmdb_dir = epath.Path(staging.stage(lsun_lmdb))  # a bucket's export: a local copy
     # Listing 3M keys takes a while: keep the list next to the export unless that is read-only.
-    keys_file = os.path.normpath(lsun_lmdb) + f"_keys_{lsun_small_images}_{image_size}.txt"
-    if not (os.path.exists(keys_file) or os.access(os.path.dirname(keys_file) or ".", os.W_OK)):
+    keys_file = lmdb_dir.parent / f"{lmdb_dir.name}_keys_{lsun_small_images}_{image_size}.txt"
+    if not (keys_file.exists() or os.access(os.fspath(keys_file.parent), os.W_OK)):
       keys_file = None
-    return (LsunSource(lsun_lmdb, image_size=image_size, small_images=lsun_small_images,
+    return (LsunSource(lmdb_dir, image_size=image_size, small_images=lsun_small_images,
                        keys_file=keys_file),
-            f"lsun:{os.path.basename(os.path.normpath(lsun_lmdb))}")
+            f"lsun:{name}")
   raise ValueError(f"unknown source {source!r}; choose 'tfds' or 'lsun'")
 
 
@@ -209,16 +216,16 @@ def build_latent_cache(source: Any, vae: AutoencoderKL, cache_dir: str | os.Path
       "complete": False,
   }
   is_writer = jax.process_index() == 0
-  meta_path = os.path.join(cache_dir, METADATA)
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      _check_resume(json.load(f), metadata, cache_dir)
+  root = epath.Path(cache_dir)
+  meta_path = root / METADATA
+  if meta_path.exists():
+    _check_resume(json.loads(meta_path.read_text()), metadata, cache_dir)
   elif is_writer:
-    os.makedirs(cache_dir, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     file_io.write_json(meta_path, metadata)
 
   def complete(k: int) -> bool:
-    return os.path.exists(os.path.join(cache_dir, shard_name(k, num_shards)))
+    return (root / shard_name(k, num_shards)).exists()
 
   todo = np.array([not complete(k) for k in range(num_shards)], np.bool_)
   if jax.process_count() > 1:  # every process must run the same steps
@@ -247,7 +254,7 @@ def build_latent_cache(source: Any, vae: AutoencoderKL, cache_dir: str | os.Path
               .batch(rows.size, drop_remainder=False))
     record_dtype = np.dtype(storage_dtype).newbyteorder("<")
     if is_writer:  # an interrupted shard leaves no file: it is rewritten from its start on resume
-      with file_io.atomic_path(os.path.join(cache_dir, shard_name(int(k), num_shards))) as tmp:
+      with file_io.atomic_path(root / shard_name(int(k), num_shards)) as tmp:
         writer = ArrayRecordWriter(os.fspath(tmp), _WRITER_OPTIONS)
         try:
           _encode_shard(stream, encode, sharding, writer, batch_size, hi - lo, record_dtype)

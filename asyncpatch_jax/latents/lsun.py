@@ -11,6 +11,9 @@ Images whose short side is below the crop size are an `ImageTooSmallError` when 
 (`small_images='error'`, the default; LSUN scenes are stored with a short side of 256, so at 256
 and below none is expected), or are dropped while listing the keys (`small_images='skip'`,
 which reads every image's header once; `num_skipped` counts them).
+
+py-lmdb opens local files only: an export on a bucket is copied to local disk first
+(`latents.encode.make_source` through `data.staging`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import threading
 from typing import Any
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from asyncpatch_jax import file_io
@@ -56,7 +60,7 @@ class ImageTooSmallError(ValueError):
 
 
 def missing_lsun_message(path: str) -> str:
-  name = os.path.basename(os.path.normpath(path)) or "CATEGORY_train_lmdb"
+  name = epath.Path(path).name or "CATEGORY_train_lmdb"
   return (f"LSUN LMDB {path!r} not found. Download the export with the LSUN tools "
           f"(git clone https://github.com/fyu/lsun; python download.py -c bedroom) or from "
           f"http://dl.yf.io/lsun/scenes/{name}.zip, unzip it, and pass the directory that "
@@ -74,7 +78,7 @@ class LsunSource:
                small_images: str = "error", keys_file: str | os.PathLike | None = None,
                max_images: int | None = None):
     self.lmdb_path = os.fspath(lmdb_path)
-    if not os.path.exists(self.lmdb_path):
+    if not epath.Path(self.lmdb_path).exists():
       raise DatasetNotFoundError(missing_lsun_message(self.lmdb_path))
     if small_images not in SMALL_IMAGE_POLICIES:
       raise ValueError(f"small_images must be one of {SMALL_IMAGE_POLICIES}, not "
@@ -85,7 +89,7 @@ class LsunSource:
     self.small_images = small_images
     self.num_skipped = 0
     keys_file = os.fspath(keys_file) if keys_file else None
-    if keys_file and os.path.exists(keys_file):
+    if keys_file and epath.Path(keys_file).exists():
       keys = self._read_keys_file(keys_file)
     else:
       keys = self._scan_keys()
@@ -121,7 +125,7 @@ class LsunSource:
            f"; image_size={self.image_size}"
 
   def _read_keys_file(self, path: str) -> list[bytes]:
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       header = f.readline().rstrip("\n")
       if header != self._keys_file_header():
         raise ValueError(f"keys file {path!r} was written for another export or settings "

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shlex
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -257,3 +258,20 @@ def test_no_os_path_or_builtin_open_on_data_paths():
                      "(asyncpatch_jax/file_io.py) or, for a use that is not data, add it to "
                      "ALLOWED:\n" + "\n".join(found))
   assert used == set(ALLOWED), f"stale ALLOWED entries: {sorted(set(ALLOWED) - used)}"
+
+
+def test_pod_setup_stages_where_the_run_reads(monkeypatch, tmp_path):
+  """`launch/tpu_pod.sh setup --stage URL` copies into the folder `data.staging` reads."""
+  monkeypatch.setenv(staging.STAGING_ENV, "~/.cache/asyncpatch_jax/staging")
+  url = "gs://b/latents/imagenet256/train"
+  out = subprocess.run(
+      ["bash", str(ROOT / "launch" / "tpu_pod.sh"), "setup", "--name", "ap", "--zone", "z",
+       "--dry-run", "--stage", url + "/"], capture_output=True, text=True, check=True,
+      timeout=60).stdout
+  expected = os.fspath(staging.local_dir(url)).replace(os.path.expanduser("~"), "~", 1)
+  assert f"gcloud\\ storage\\ rsync\\ --recursive\\ {url}\\ {expected}" in out
+  run = subprocess.run(
+      ["bash", str(ROOT / "launch" / "tpu_pod.sh"), "run", "--name", "ap", "--zone", "z",
+       "--workdir", "gs://b/run", "--dry-run"], capture_output=True, text=True, check=True,
+      timeout=60).stdout
+  assert "ASYNCPATCH_STAGING_DIR=\\~/.cache/asyncpatch_jax/staging" in run

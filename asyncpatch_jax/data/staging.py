@@ -11,9 +11,10 @@ every shard, so each needs the whole cache) and reads the copy:
       → $ASYNCPATCH_STAGING_DIR/gs/BUCKET/latents/imagenet256/train/latents-00000-…
 
 `ASYNCPATCH_STAGING_DIR` defaults to `~/.cache/asyncpatch_jax/staging` (the boot disk of a TPU
-VM). A file is copied under a hidden name and renamed when complete (`file_io.copy_file`), and
-one already there with the bucket's size is kept, so a pre-empted or restarted worker copies
-only what it lacks, and processes sharing a host may stage the same folder at once.
+VM); point it at a local disk where home directories are shared (NFS on a GPU cluster). A file
+is copied under a hidden name and renamed when complete (`file_io.copy_file`), and one already
+there with the bucket's size is kept, so a pre-empted or restarted worker copies only what it
+lacks, and processes sharing a host may stage the same folder at once.
 """
 
 from __future__ import annotations

@@ -129,6 +129,7 @@ def test_lsun_latent_run_built_to_and_trained_from_a_bucket(gcs, tmp_path):
   the run prints build the caches there, and two training steps read them (via staging)."""
   for part in ("train", "val"):
     export = tmp_path / "export" / f"church_outdoor_{part}_lmdb"
+    export.parent.mkdir(parents=True, exist_ok=True)
     env = lmdb.open(str(export), map_size=2**24)
     rng = np.random.default_rng(len(part))
     with env.begin(write=True) as txn:

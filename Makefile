@@ -10,6 +10,10 @@ TRAIN_MINUTES ?= 10
 # Extra flags for the demo's training run, e.g. DEMO_FLAGS=--config.checkpoint.every_steps=20
 DEMO_FLAGS ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist). Most tests are bound by single-threaded XLA compiles, so two
+# processes on a 2-core machine cut the suite's wall time; a test file runs in one process, so its
+# module fixtures are built once. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 # The FID cross-check against the TorchScript network needs torch (a CPU wheel on CI machines).
 WITH_TORCH ?= $(CI)
 
@@ -29,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

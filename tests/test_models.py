@@ -304,7 +304,9 @@ def test_log_snr_embedding_and_bfloat16():
 
 def test_unet_dropout_only_in_training():
   data_shape, p = (8, 8, 3), 1
-  model = build(tiny_config("unet", dropout=0.5), data_shape, p)
+  config = tiny_config("unet")
+  config.unet.dropout = 0.5
+  model = build(config, data_shape, p)
   z, t, labels = inputs(data_shape, p)
   eval_a, eval_b = apply(model, z, t, labels), apply(model, z, t, labels)
   np.testing.assert_array_equal(eval_a.output, eval_b.output)

@@ -72,8 +72,10 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
                                                  ("unet", "full", 0.2)])
 def test_remat_gives_the_same_loss_and_gradients(name, remat, dropout):
   """Recomputation (with dropout: the same masks in the recomputed forward) changes nothing."""
-  plain = build(tiny(name, dropout=dropout))
-  checkpointed = build(tiny(name, dropout=dropout, remat=remat))
+  plain, checkpointed = tiny(name), tiny(name, remat=remat)
+  for config in (plain, checkpointed):
+    config.unet.dropout = dropout  # the U-Net's; the DiT has none
+  plain, checkpointed = build(plain), build(checkpointed)
   assert checkpointed.remat == remat
   z, t, labels = inputs(plain)
   loss, grads = loss_and_grads(plain, z, t, labels)

@@ -25,11 +25,12 @@ from etils.epath import gpath
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
-from asyncpatch_jax import file_io
+from asyncpatch_jax import file_io, pixels
 from asyncpatch_jax.autoencoder import VAEConfig, init_vae, weights
 from asyncpatch_jax.data import latent_cache, preparation, staging
+from asyncpatch_jax.evaluation import adm
 from asyncpatch_jax.latents import build, encode
-from asyncpatch_jax.train import file_paths, trainer, validation
+from asyncpatch_jax.train import file_paths, sample_io, trainer, validation
 from configs import digits
 from configs import lsun as lsun_config
 
@@ -96,6 +97,32 @@ class Images:
 
   def __getitem__(self, i):
     return {"image": self.images[i], "label": int(i % 3)}
+
+
+def test_inpainting_inputs_outputs_and_the_adm_reference_on_the_bucket(gcs):
+  for i in range(3):
+    png = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(png, "PNG")
+    epath.Path(f"gs://bucket/in/{i}.png").write_bytes(png.getvalue())
+  epath.Path("gs://bucket/in/notes.txt").write_text("not an image")
+  paths = sample_io.image_paths("gs://bucket/in")
+  assert paths == [f"gs://bucket/in/{i}.png" for i in range(3)]
+  assert sample_io.image_paths("gs://bucket/in/*.png") == paths
+  images = sample_io.load_images(paths, (8, 8, 1))
+  np.testing.assert_allclose(images[:, 0, 0, 0],
+                             pixels.to_model_range(np.array([0, 40, 80], np.uint8)))
+  written = sample_io.write_outputs(images, {"nfe": 2}, {"mode": "inpaint"}, "gs://bucket/out")
+  assert {k: epath.Path(v).exists() for k, v in written.items()} == {
+      "grid": True, "npz": True, "settings": True}
+  assert json.loads(epath.Path(written["settings"]).read_text())["nfe"] == 2
+
+  with file_io.atomic_open("gs://bucket/ref/VIRTUAL_x.npz", "wb") as f:
+    np.savez(f, mu=np.zeros(4), sigma=np.eye(4))
+  reference = adm.read_reference("gs://bucket/ref/VIRTUAL_x.npz")
+  assert reference.name == "adm-VIRTUAL_x" and reference.stats.count == 0
+  np.testing.assert_array_equal(reference.stats.cov, np.eye(4))
+  with pytest.raises(FileNotFoundError, match=r"ADM reference batch .* not found"):
+    adm.read_reference("gs://bucket/ref/missing.npz")
 
 
 def test_cache_built_to_a_bucket_reads_back_like_a_local_one(gcs, tmp_path):
@@ -217,15 +244,7 @@ ALLOWED = {
     ("evaluation/inception.py", 'open(path, "rb")'):
         "Inception network weights (a model file in the local weights cache, not data)",
     ("evaluation/lpips.py", 'open(path, "rb")'): "LPIPS network weights (local weights cache)",
-    ("evaluation/adm.py", "os.path.isfile(path)"):
-        "NOT DONE: the ADM reference batch (eval.fid_reference) is checked by name; outside "
-        "issue 24's files this round (see the issue note)",
-    ("evaluation/adm.py", "os.path.basename(path)"): "a label for messages and the cache name",
     ("train/eval_job.py", "os.path.basename(reference)"): "a label in the results",
-    ("train/sample_job.py", "os.path.isfile(spec)"):
-        "NOT DONE: sampling.image (a user's images to inpaint) is local only; see the issue note",
-    ("train/sample_io.py", "os.path."):
-        "NOT DONE: sampling.image / sampling.output_dir are local only; see the issue note",
 }
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from asyncpatch_jax import file_io, pixels
 from asyncpatch_jax.evaluation.fid import (
@@ -89,27 +90,28 @@ def iter_images(path: str | os.PathLike[str], batch_size: int = 500) -> Iterator
 
 def read_reference(path: str | os.PathLike[str]) -> ReferenceStatistics:
   """An ADM reference batch's `mu` / `sigma` as reference statistics (no features, so FID only:
-  KID needs our features of `arr_0`, e.g. `FeatureExtractor.features(iter_images(path))`)."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    name = os.path.basename(path)
+  KID needs our features of `arr_0`, e.g. `FeatureExtractor.features(iter_images(path))`).
+  `path` may be a bucket URL (read through a local copy)."""
+  name = epath.Path(path).name
+  if not epath.Path(path).is_file():
     where = REFERENCE_URLS.get(name, "openai/guided-diffusion's evaluations/README.md")
-    raise FileNotFoundError(f"ADM reference batch {path!r} not found; download {where} and pass "
-                            f"--config.eval.fid_reference=PATH (or '' for the statistics of "
-                            f"eval.fid_split)")
-  with np.load(path, allow_pickle=False) as data:
-    missing = [k for k in ("mu", "sigma") if k not in data.files]
-    if missing:
-      raise ValueError(f"{path} has no {missing}: not an ADM reference batch (its keys: "
-                       f"{data.files}); pass e.g. VIRTUAL_imagenet256_labeled.npz from "
-                       f"openai/guided-diffusion's evaluations")
-    mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
-  if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-    raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not [D] and [D, D]")
-  with zipfile.ZipFile(path) as archive:
-    has_images = f"{IMAGES}.npy" in archive.namelist()
-  count = array_shape(path)[0][0] if has_images else 0
-  name = os.path.basename(path).removesuffix(".npz")
+    raise FileNotFoundError(f"ADM reference batch {os.fspath(path)!r} not found; download {where} "
+                            f"and pass --config.eval.fid_reference=PATH (or '' for the statistics "
+                            f"of eval.fid_split)")
+  with file_io.local_file(path) as local:
+    with np.load(local, allow_pickle=False) as data:
+      missing = [k for k in ("mu", "sigma") if k not in data.files]
+      if missing:
+        raise ValueError(f"{path} has no {missing}: not an ADM reference batch (its keys: "
+                         f"{data.files}); pass e.g. VIRTUAL_imagenet256_labeled.npz from "
+                         f"openai/guided-diffusion's evaluations")
+      mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+      raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not [D] and [D, D]")
+    with zipfile.ZipFile(local) as archive:
+      has_images = f"{IMAGES}.npy" in archive.namelist()
+    count = array_shape(local)[0][0] if has_images else 0
+  name = name.removesuffix(".npz")
   return ReferenceStatistics(name=f"adm-{name}", stats=FeatureStats(mean=mu, cov=sigma,
                                                                     count=int(count)),
                              features=None, fingerprint=f"adm-evaluator:{name}")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw
 
 from asyncpatch_jax.diffusion.level_map import PatchSize, _patch_tuple
@@ -248,7 +249,7 @@ def from_png(path: str | os.PathLike, grid: Sequence[int] | None = None, *,
   expected token grid: the image must be either the token grid or the pixel grid (H, W), which
   is reduced with `to_token_mask` (a token is known iff all its pixels are).
   """
-  with Image.open(path) as image:
+  with epath.Path(path).open("rb") as f, Image.open(f) as image:  # local or a bucket URL
     pixels = np.asarray(image.convert("L")) >= 128
   if invert:
     pixels = ~pixels

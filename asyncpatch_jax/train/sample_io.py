@@ -11,12 +11,14 @@ kept out of the pure-JAX `sampling` package.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from asyncpatch_jax import file_io, pixels, visualize
@@ -25,17 +27,22 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def image_paths(spec: str) -> list[str]:
-  """The image files named by `spec`: one file, a folder (its PNG / JPEG files) or a glob;
-  sorted."""
+  """The image files named by `spec`: one file, a folder (its PNG / JPEG files) or a glob
+  (wildcards in the file name on a bucket, anywhere locally); sorted. Local or a bucket URL."""
   if not spec:
     raise ValueError("no input image: set sampling.image to a PNG / JPEG file, a folder or a glob")
-  if os.path.isdir(spec):
-    paths = [os.path.join(spec, f) for f in os.listdir(spec)]
-  elif os.path.isfile(spec):
-    paths = [spec]
+  where = epath.Path(spec)
+  if where.is_dir():
+    found = list(where.iterdir())
+  elif where.is_file():
+    found = [where]
+  elif file_io.is_url(spec):
+    found = ([p for p in where.parent.iterdir() if fnmatch.fnmatch(p.name, where.name)]
+             if where.parent.is_dir() else [])
   else:
-    paths = glob.glob(spec)
-  paths = sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(IMAGE_SUFFIXES))
+    found = [epath.Path(p) for p in glob.glob(spec)]
+  paths = sorted(os.fspath(p) for p in found
+                 if p.name.lower().endswith(IMAGE_SUFFIXES) and p.is_file())
   if not paths:
     raise FileNotFoundError(f"sampling.image={spec!r} names no PNG / JPEG file (a file, a folder "
                             f"or a glob such as 'photos/*.png')")
@@ -49,7 +56,7 @@ def load_images(paths: Sequence[str], shape: Sequence[int]) -> np.ndarray:
   height, width, channels = (int(d) for d in shape)
   out = []
   for path in paths:
-    with Image.open(path) as image:
+    with epath.Path(path).open("rb") as f, Image.open(f) as image:
       mode = image.mode
       if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -97,13 +104,13 @@ def write_outputs(samples: Any, info: Mapping[str, Any], settings: Mapping[str, 
     known, known_mask: the inpainting input, drawn as `inputs.png` when both are given.
     extra_arrays: more arrays for `samples.npz` (e.g. the latents that `samples` decode).
   """
-  outdir = os.fspath(outdir)
-  os.makedirs(outdir, exist_ok=True)
+  outdir = epath.Path(outdir)
+  outdir.mkdir(parents=True, exist_ok=True)
   samples = np.asarray(samples, np.float32)
   written: dict[str, str] = {}
 
   def path(name: str) -> str:
-    return os.path.join(outdir, name)
+    return os.fspath(outdir / name)
 
   if _is_image_batch(samples):
     visualize.save_image_grid(samples, path("samples.png"), nrow)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -70,7 +69,7 @@ def _mask(config: Any, num: int) -> np.ndarray:
   if spec in masks_lib.MASKS:
     mask = masks_lib.make_mask(spec, num, grid, seed=int(config.seed))
     mask = ~mask if scfg.mask_invert else mask
-  elif os.path.isfile(spec):
+  elif epath.Path(spec).is_file():
     mask = masks_lib.from_png(spec, grid, patch_size=patch, batch=num,
                               invert=bool(scfg.mask_invert))
   else:

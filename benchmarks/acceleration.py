@@ -225,11 +225,15 @@ NETWORKS = {"mixture": level_samplers.default_config, "legacy": level_samplers.l
 
 
 def claims_args(args: argparse.Namespace) -> argparse.Namespace:
-  """The settings `benchmarks/claims.py`'s config and bench read."""
-  return argparse.Namespace(
-      quick=args.quick, seed=args.seed, image_size=args.image_size, batch_size=args.batch_size,
-      train_minutes=args.train_minutes, train_steps=args.train_steps, num_ref=args.num_ref,
-      batch=args.batch, workdir=args.workdir, out=args.figures)
+  """`benchmarks/claims.py`'s settings for this part (its config, bench and store read them)."""
+  from benchmarks import claims
+
+  argv = ["--workdir", args.workdir, "--out", args.figures, "--claims", "mnist=5",
+          "--nfe_budgets", "5,8,12,25,50", "--curve_points", "1", "--seed", str(args.seed)]
+  for name in ("image_size", "batch_size", "train_steps", "train_minutes", "num_ref", "num_fid",
+               "batch", "features", "bootstrap"):
+    argv += [f"--{name}", str(getattr(args, name))]
+  return claims.parse_args(argv + (["--quick"] if args.quick else []))
 
 
 def train(name: str, args: argparse.Namespace) -> Any:
@@ -238,8 +242,7 @@ def train(name: str, args: argparse.Namespace) -> Any:
   from asyncpatch_jax.train import trainer
   from benchmarks import claims
 
-  cargs = claims_args(args)
-  config = claims.make_config("mnist", "asyncpatch", cargs, args.train_steps)
+  config = claims.make_config("mnist", "asyncpatch", claims_args(args), args.train_steps)
   with config.unlocked():
     config.diffusion.level_sampler = NETWORKS[name]()
     config.checkpoint.every_steps = max(50, args.train_steps // 10)  # resumable
@@ -258,38 +261,17 @@ def train(name: str, args: argparse.Namespace) -> Any:
                         seconds)
 
 
-def ar_kwargs(budget: int, grid: tuple[int, ...]) -> dict[str, Any]:
-  """The autoregressive plan at a total budget: rows (8 groups on 8×8 tokens; 2×2 blocks of
-  a quarter of the grid below 8 steps), each group getting ⌊N/2⌋ steps, the overlap fitted."""
-  layout = "row" if budget >= 8 else tuple(max(1, g // 2) for g in grid)
-  return dict(strategy="autoregressive", num_steps=budget, steps_per_group=max(1, budget // 2),
-              group_shape=layout, order="raster")
-
-
-def bootstrap_fid(features: np.ndarray, reference: Any, reps: int, seed: int) -> dict[str, float]:
-  """FID of the samples with a percentile bootstrap interval over the samples (the reference
-  statistics held fixed)."""
-  from asyncpatch_jax.evaluation import fid as fid_lib
-
-  rng = np.random.default_rng(seed)
-  value = fid_lib.frechet_distance_to_features(features, reference.stats)
-  boots = [fid_lib.frechet_distance_to_features(
-      features[rng.integers(0, len(features), len(features))], reference.stats)
-      for _ in range(reps)]
-  lo, hi = np.percentile(boots, [2.5, 97.5])
-  return {"fid": value, "fid_lo": float(lo), "fid_hi": float(hi), "bootstrap_reps": reps}
-
-
 def mnist_rows(grid: tuple[int, ...]) -> list[tuple[str, str, dict[str, Any]]]:
   """(network, row name, `sample` keywords), the most informative first (rows are written as
   they finish): the three plans at N = 8 and 25, the legacy network's uniform FID, N = 12 and
   5, the ablations at N = 8 (which half of the uncertainty plan helps), then N = 50."""
+  from benchmarks import claims
 
   def three(n):
     return [("mixture", f"uniform N={n}", dict(strategy="uniform", num_steps=n)),
             ("mixture", f"uncertainty N={n}", dict(strategy="adaptive", rule="budget",
                                                    num_steps=n, x0_draw="every")),
-            ("mixture", f"autoregressive N={n}", ar_kwargs(n, grid))]
+            ("mixture", f"autoregressive N={n}", claims.ar_kwargs(n, grid))]
 
   return [*three(8), *three(25),
           ("legacy", "uniform N=25", dict(strategy="uniform", num_steps=25)),
@@ -299,7 +281,7 @@ def mnist_rows(grid: tuple[int, ...]) -> list[tuple[str, str, dict[str, Any]]]:
                                                      x0_draw="every")),
           ("mixture", "budget plan, x̂0 N=8", dict(strategy="adaptive", rule="budget",
                                                   num_steps=8)),
-          ("legacy", "autoregressive N=8", ar_kwargs(8, grid)),
+          ("legacy", "autoregressive N=8", claims.ar_kwargs(8, grid)),
           *three(50)]
 
 
@@ -308,35 +290,29 @@ def run_mnist(args: argparse.Namespace) -> None:
   from benchmarks import claims
 
   path = os.path.join(RESULTS, "acceleration_mnist.json")
+  cargs = claims_args(args)
   networks = {name: train(name, args) for name in NETWORKS}
   extractor = (fid_lib.FeatureExtractor(batch_size=args.batch) if args.features == "inception"
                else claims.AlexNetFeatures())
-  bench = claims.DatasetBench("mnist", networks, claims_args(args), extractor, lpips=None)
+  bench = claims.DatasetBench("mnist", networks, cargs, extractor, None, claims.Store(cargs))
   command = "python benchmarks/acceleration.py " + " ".join(sys.argv[1:])
   results: dict[str, Any] = {
       "command": command, "environment": environment(),
       "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
       "settings": {"image_size": args.image_size, "token_grid": list(bench.grid),
                    "batch_size": args.batch_size, "num_fid": args.num_fid,
-                   "num_ref": args.num_ref,
-                   "features": ("Inception pool3" if args.features == "inception" else
-                                "LPIPS AlexNet conv5, mean-pooled, 64 px (a cheap stand-in: "
-                                "compare within this table only)"),
+                   "num_ref": args.num_ref, "bootstrap": args.bootstrap,
+                   "features": claims.FEATURE_NAMES[args.features],
                    "cfg_scale": bench.cfg_scale},
       "networks": {n: {"updates": net.steps, "level_sampler": net.config.diffusion.level_sampler
                        .to_dict()} for n, net in networks.items()},
       "rows": {}, "status": "running"}
   for network, name, kwargs in mnist_rows(tuple(bench.grid)):
-    start = time.monotonic()
-    images, nfe = bench.generate(network, args.num_fid, f"acceleration/{name}", **kwargs)
-    features = extractor.features([images[i:i + args.batch]
-                                   for i in range(0, len(images), args.batch)])
-    row = bootstrap_fid(features, bench.reference, args.bootstrap, args.seed)
-    row.update(network=network, nfe=nfe, kwargs={k: str(v) for k, v in kwargs.items()},
-               seconds=time.monotonic() - start)
+    row = claims.strip(bench.fid(network, name.replace(" ", "_"), **kwargs))
+    row.update(network=network, kwargs={k: str(v) for k, v in kwargs.items()})
     results["rows"][f"{network}: {name}"] = row
     log(f"{network}: {name}: FID {row['fid']:.1f} [{row['fid_lo']:.1f}, {row['fid_hi']:.1f}] "
-        f"at NFE {nfe:.0f}")
+        f"at NFE {row['nfe']:.0f}")
     write_json(path, results)
     plot_mnist(results, os.path.join(args.figures, "acceleration_mnist.png"))
   results["status"] = "finished " + datetime.datetime.now(datetime.UTC).strftime("%H:%M UTC")

@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from asyncpatch_jax import user_errors
+from asyncpatch_jax.sampling import adaptive
 from asyncpatch_jax.train import file_paths
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -85,9 +86,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     name = str(e).strip("\"'")
     overrides = [a for a in argv if a.startswith("--config.") and name in a] or [
         a for a in argv if a.startswith("--config.")]
+    removed = (f"; the adaptive rule {name!r} was removed (issue 18): use "
+               f"--config.sampling.adaptive.rule=budget and its options "
+               f"--config.sampling.adaptive.budget.*" if name in adaptive.REMOVED_RULES else "")
     user_errors.fail(f"unknown config field {name!r} in {overrides}; every field is defined in "
                      f"asyncpatch_jax/train/defaults.py (and models.default_config() for "
-                     f"config.model)")
+                     f"config.model){removed}")
   except flags.Error as e:
     user_errors.fail(_flag_error(e))
 

@@ -73,10 +73,7 @@ GAUSSIAN_PLANS = {
     "uniform + x0 draws": dict(strategy="uniform", x0_draw="every"),
     "uncertainty plan": dict(strategy="adaptive", rule="budget", x0_draw="every"),
     "uncertainty plan, x̂0": dict(strategy="adaptive", rule="budget"),
-    "step-size rule (old)": dict(strategy="adaptive", rule="step_size"),
-    "quantile rule (old)": dict(strategy="adaptive", rule="quantile"),
 }
-OLD_RULE_BUDGETS = (16, 64)
 
 
 def gaussian_problem(num_tokens: int = 16) -> dict[str, Any]:
@@ -160,11 +157,8 @@ def run_gaussian(args: argparse.Namespace) -> None:
   for case in problem["cases"]:
     rows: dict[str, list[dict[str, Any]]] = {}
     for name, kwargs in GAUSSIAN_PLANS.items():
-      plan_budgets = OLD_RULE_BUDGETS if "old" in name else budgets
       rows[name] = []
-      for budget in plan_budgets:
-        if args.quick and budget not in budgets:
-          continue
+      for budget in budgets:
         row = gaussian_errors(problem, case, kwargs, budget, seeds, num)
         rows[name].append(row)
         log(f"{case} / {name} / N={budget}: NFE {row['nfe']:.0f}, covariance error "

@@ -301,7 +301,7 @@ def sampling_case(config, args, reps: int, forward_hom_s: float | None,
                   strategy: str = "uniform") -> dict:
   """The whole sampling loop of one plan as one compiled program (ancestral updates): time per
   image and per network evaluation, and the overhead over bare forward passes. 'adaptive' (the
-  uncertainty-guided step-size rule) needs the network's uncertainty head (`config.model`)."""
+  uncertainty-guided budget plan) needs the network's uncertainty head (`config.model`)."""
   model = build_model(config)
   split = nnx.split(model)
   b, s, c = int(config.data.batch_size), int(config.data.image_size), int(config.data.channels)

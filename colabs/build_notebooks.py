@@ -766,45 +766,39 @@ ADAPTIVE = [
     md('''
         ## Uncertainty-guided acceleration
 
-        The rules compare a token's predicted error v_i with v_ref(t) = d / (1 + d·SNR(t)), the
-        error of an element of variance d estimated from its own noisy value alone; the
-        certainty ratio r_i = v_ref / v_i says how much the rest of the image has told about the
-        token.
+        The adaptive plan (`strategy="adaptive"`, `rule="budget"`) compares a token's predicted
+        error v_i with v_ref(t) = d_i / (1 + d_i·SNR(t)), the error of an element of variance d_i
+        estimated from its own noisy value alone; the certainty ratio r_i = v_ref / v_i says how
+        much the rest of the image has told about the token. It spends exactly M steps: with R
+        steps left a token at level t moves to t·(1 − s_i/R), s_i = min(max(r_i / r̄, 1)^γ,
+        max_speedup) with r̄ the typical noisy token's ratio, so tokens more certain than the
+        rest run ahead and the least certain keep the uniform pace. With `x0_draw="every"` each
+        step also uses the head's variance (x is integrated over N(x̂0, v) instead of plugging
+        in x̂0), which is where the measured gain lies (README, "Acceleration").
 
-        - `rule="budget"` (the default): exactly M steps; with R steps left a token at level t
-          moves to t·(1 − s_i/R), s_i = min(max(r_i / r̄, 1)^γ, max_speedup) with r̄ the typical
-          noisy token's ratio: tokens more certain than the rest run ahead, the least certain
-          keep the uniform pace. With `x0_draw="every"` each step also uses the head's variance
-          (x is integrated over N(x̂0, v) instead of plugging in x̂0), which is where the
-          measured gain lies (README, "Acceleration");
-        - `rule="step_size"`: token i moves Δt_i = min(max(r_i, 1)^γ, max_speedup) / M per step;
-        - `rule="quantile"`: per example, the most certain fraction q of the noisy tokens moves
-          `speedup` ticks of 1/M per step, the others one. These two stop when the last token is
-          clean and measured worse than a uniform plan of the same NFE.
-
-        We take d = 1, the largest variance data in [−1, 1] can have, above every pixel's
-        variance (printed below): with the average variance instead, the pixels that vary most
-        look uncertain at every step and hold the whole loop back. The loop stops when every
-        token is clean, so the least certain token sets the count; `info["nfe_per_example"]`
-        counts the calls while each example still had noisy tokens.
+        The reference d_i: `reference="first"` (the default) takes the head's own prediction at
+        the first step, so r_i measures what the other noisy tokens have told; `"data"` takes
+        the per-position variance of the digits (averaged over each token, floored where a
+        pixel never varies), so the tokens next to a known half run ahead as well. Every plan
+        costs M network evaluations; `info["nfe_per_example"]` counts the calls while each
+        example still had noisy tokens.
 
         One batch of 16: the first 8 are generated from noise, the last 8 have their left half
         known (inpainting). M = 40 for every plan.
     '''),
     code('''
         M = 40
-        DATA_VARIANCE = 1.0
         pixel_variance = np.var(pixels.to_model_range(held_out.images), axis=0)
-        print(f"per-pixel variance of the digits: mean {pixel_variance.mean():.2f}, "
-              f"max {pixel_variance.max():.2f}")
+        token_variance = np.maximum(diffusion.tokens_mean(pixel_variance[None], PATCH)[0], 1e-3)
+        print(f"per-token variance of the digits: mean {token_variance.mean():.2f}, "
+              f"max {token_variance.max():.2f}")
         STRATEGIES = {
             "uniform": dict(strategy="uniform"),
+            "budget, γ=2": dict(strategy="adaptive", rule="budget", exponent=2.0),
             "budget, γ=2, x0 draws": dict(strategy="adaptive", rule="budget", exponent=2.0,
                                           x0_draw="every"),
-            "step size, γ=2": dict(strategy="adaptive", rule="step_size", exponent=2.0,
-                                   data_variance=DATA_VARIANCE),
-            "quantile, q=½, ×3": dict(strategy="adaptive", rule="quantile", quantile=0.5,
-                                      speedup=3, data_variance=DATA_VARIANCE),
+            "budget, γ=2, data ref.": dict(strategy="adaptive", rule="budget", exponent=2.0,
+                                           reference="data", data_variance=token_variance),
         }
         batch_known = np.concatenate([x, x])
         batch_mask = np.concatenate([np.zeros_like(half_known), half_known])  # nothing / left half
@@ -830,15 +824,16 @@ ADAPTIVE = [
 
         `info["levels"]` (with `return_levels=True`) is the level map after every step,
         `[steps + 1, B, *grid]`. `visualize.save_level_map_gif` writes it as an animated GIF
-        (dark = clean, bright = noise); here the quantile rule on four examples, two from noise
-        (top) and two with the left half known (bottom).
+        (dark = clean, bright = noise); here the budget plan with the data reference on four
+        examples, two from noise (top) and two with the left half known (bottom).
     '''),
     code('''
         from IPython.display import Image, display
 
-        gif = WORKDIR / "levels_quantile.gif"
-        visualize.save_level_map_gif(runs["quantile, q=½, ×3"]["levels"][:, [0, 1, 8, 9]], gif,
-                                     duration_ms=120, scale=12)
+        gif = WORKDIR / "levels_budget.gif"
+        budget_levels = runs["budget, γ=2, data ref."]["levels"]
+        visualize.save_level_map_gif(budget_levels[:, [0, 1, 8, 9]], gif, duration_ms=120,
+                                     scale=12)
         display(Image(data=gif.read_bytes(), format="gif"))
     '''),
     md('''
@@ -887,8 +882,8 @@ ADAPTIVE = [
         from matplotlib import animation
 
         movies = {"uniform": runs["uniform"]["levels"][:, 0],
-                  "quantile rule": runs["quantile, q=½, ×3"]["levels"][:, 0],
-                  "quantile, left half known": runs["quantile, q=½, ×3"]["levels"][:, 8]}
+                  "budget, data ref.": runs["budget, γ=2, data ref."]["levels"][:, 0],
+                  "budget, left half known": runs["budget, γ=2, data ref."]["levels"][:, 8]}
         movies.update({name.split(",")[0] + f" ({name.split(', ')[1]})": result["levels"][:, 0]
                        for name, result in ar_runs.items()})
         length = max(len(m) for m in movies.values())
@@ -915,7 +910,7 @@ ADAPTIVE = [
     '''),
     md('''
         A 400-step model's uncertainty is crude, and its samples show it; the savings above are
-        what this model gives, not the paper's. The rules are tested against the exact Gaussian
+        what this model gives, not the paper's. The plans are tested against the exact Gaussian
         denoiser (`sampling.analytic.GaussianDenoiser`, a perfect uncertainty head) in
         `tests/test_sampling.py`. Try `max_speedup`, other orders and overlaps, or
         `sampling.outpaint` for canvases larger than the training size.

@@ -335,17 +335,55 @@ def test_strategy_options_are_config_fields():
 
   config = _config(strategy="adaptive")
   assert sampler.strategy_kwargs("uniform", config.sampling) == {}
-  config.sampling.adaptive.rule = "quantile"
-  config.sampling.adaptive.quantile.speedup = 3
+  config.sampling.adaptive.budget.exponent = 2.0
   assert sampler.strategy_kwargs("adaptive", config.sampling) == {
-      "rule": "quantile", "quantile": 0.5, "speedup": 3, "data_variance": 1.0}
+      "rule": "budget", "exponent": 2.0, "max_speedup": 4.0, "reference": "first",
+      "data_variance": 1.0, "relative": True}
   config.sampling.autoregressive.group_shape = "row"  # an int, a tuple or a layout name
   assert sampler.strategy_kwargs("autoregressive", config.sampling) == {
       "order": "raster", "group_shape": "row"}
-  with pytest.raises(AttributeError, match="speedp"):  # the locked config refuses a typo
-    config.sampling.adaptive.quantile.speedp = 3
+  with pytest.raises(AttributeError, match="exponnt"):  # the locked config refuses a typo
+    config.sampling.adaptive.budget.exponnt = 3
   with pytest.raises(TypeError):
-    config.sampling.adaptive.quantile.speedup = "fast"
+    config.sampling.adaptive.budget.exponent = "fast"
+  assert set(config.sampling.adaptive) == {"rule", "budget"}  # no sections of removed rules
+
+
+@pytest.mark.parametrize("rule", ["step_size", "quantile"])
+def test_a_removed_adaptive_rule_is_a_clear_error(rule):
+  """Issue 18 removed the step-size and quantile rules: the config check, and the sampler's
+  options, name the removal and 'budget' instead of taking the name as unknown."""
+  from asyncpatch_jax.sampling import sampler
+  from asyncpatch_jax.train import validation
+
+  config = _config(strategy="uniform")
+  validation.validate_config(config)
+  config.sampling.adaptive.rule = rule  # refused whatever the strategy
+  match = rf"adaptive\.rule: the adaptive rule '{rule}' was removed .* use rule='budget'"
+  with pytest.raises(validation.ConfigError, match=match):
+    validation.validate_config(config)
+  with pytest.raises(ValueError, match=f"'{rule}' was removed"):
+    sampler.strategy_kwargs("adaptive", config.sampling)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.sampling.adaptive.rule=step_size", "the adaptive rule 'step_size' was removed"),
+    ("--config.sampling.adaptive.quantile.speedup=3",  # the old rule's own section
+     "unknown config field 'quantile'.* the adaptive rule 'quantile' was removed"),
+])
+def test_an_old_command_line_names_the_removed_rule(tmp_path, override, message):
+  import re
+  import subprocess
+
+  result = subprocess.run(
+      [sys.executable, "-m", "asyncpatch_jax.main", "--config=configs/digits.py:debug",
+       f"--workdir={tmp_path / 'w'}", override], cwd=ROOT, capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  fatal = [line for line in result.stderr.splitlines() if line.startswith("FATAL:")]
+  assert len(fatal) == 1 and re.search(message, fatal[0]), result.stderr[-2000:]
+  assert re.search(r"rule='?budget", fatal[0]) and "Traceback" not in result.stderr
+  assert not (tmp_path / "w").exists()  # refused before anything was written
 
 
 def test_traced_input_guidance_compiles_once_and_zero_equals_no_guidance():

@@ -12,9 +12,7 @@ import pytest
 from asyncpatch_jax.diffusion import Prediction, get_schedule
 from asyncpatch_jax.sampling import (
     AutoregressivePlan,
-    QuantilePlan,
     StaticPlan,
-    StepSizePlan,
     analytic,
     autoregressive_levels,
     certainty_ratio,
@@ -237,37 +235,6 @@ def test_certainty_ratio_is_one_without_context():
   z = jnp.zeros((1, D, 1))
   ratio = certainty_ratio(jax.jit(denoiser)(z, levels).variance[..., 0], levels, SCHEDULE, d)
   np.testing.assert_allclose(np.asarray(ratio), 1.0, rtol=2e-3)
-
-
-def test_step_size_and_quantile_rules():
-  levels = jnp.full((1, 4), 1.0, jnp.float32)
-  reference = np.asarray(certainty_ratio(jnp.ones((1, 4)), levels, SCHEDULE, 1.0))
-  variance = jnp.asarray(reference / np.array([[1.0, 4.0, 100.0, 0.5]]), jnp.float32)
-  plan = StepSizePlan(10, SCHEDULE, exponent=1.0, max_speedup=8.0)
-  nxt, _ = plan.next_levels(jnp.int32(0), levels, variance, jnp.zeros((1, 4), bool), ())
-  np.testing.assert_allclose(np.asarray(nxt), [[0.9, 0.6, 0.2, 0.9]], atol=1e-5)
-  plan = StepSizePlan(10, SCHEDULE, exponent=0.5)
-  nxt, _ = plan.next_levels(jnp.int32(0), levels, variance, jnp.zeros((1, 4), bool), ())
-  np.testing.assert_allclose(np.asarray(nxt), [[0.9, 0.8, 0.2, 0.9]], atol=1e-5)
-  plan = QuantilePlan(10, SCHEDULE, quantile=0.5, speedup=3)
-  nxt, _ = plan.next_levels(jnp.int32(0), levels, variance, jnp.zeros((1, 4), bool), ())
-  np.testing.assert_allclose(np.asarray(nxt), [[0.9, 0.7, 0.7, 0.9]], atol=1e-6)
-  done = jnp.asarray([[0.0, 0.3, 0.1, 0.5]])
-  nxt, _ = plan.next_levels(jnp.int32(0), done, variance, jnp.zeros((1, 4), bool), ())
-  assert float(nxt[0, 0]) == 0.0
-
-
-def test_adaptive_trajectory_finishes_certain_tokens_first():
-  """With the left half known, tokens next to the context are the most certain and finish first;
-  the farthest token finishes last."""
-  known = np.arange(D) < D // 2
-  values = np.linspace(1.0, 0.0, D).reshape(1, D, 1)
-  for rule in ("step_size", "quantile"):
-    levels = _trajectory(dict(strategy="adaptive", rule=rule, num_steps=40), denoiser=DENOISER,
-                         known=values, known_mask=known[None])
-    finish = np.argmax(levels[:, 0] == 0, axis=0)[~known]
-    assert np.all(np.diff(finish) >= 0), (rule, finish)
-    assert finish[0] < finish[-1] <= 40, (rule, finish)
 
 
 def test_budget_plan_spends_exactly_its_budget_and_lets_certain_tokens_run_ahead():

@@ -11,8 +11,6 @@ from asyncpatch_jax.sampling import analytic, masks
 from asyncpatch_jax.sampling.adaptive import (
     ADAPTIVE_RULES,
     BudgetPlan,
-    QuantilePlan,
-    StepSizePlan,
     certainty_ratio,
 )
 from asyncpatch_jax.sampling.input_guidance import DEFAULT_GUIDANCE_LEVEL, input_guided
@@ -39,10 +37,8 @@ __all__ = [
     "AutoregressivePlan",
     "BudgetPlan",
     "Plan",
-    "QuantilePlan",
     "SamplerState",
     "StaticPlan",
-    "StepSizePlan",
     "UniformPlan",
     "analytic",
     "ancestral_step",

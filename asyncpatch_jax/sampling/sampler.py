@@ -5,8 +5,8 @@
 Each iteration makes one (guided) denoiser call at the current level map, asks the plan for the
 next levels, and applies the update rule; known tokens are held exactly at their clean values at
 level 0 throughout. The loop is a `lax.while_loop` that stops when every token is clean, so a
-plan that finishes early (adaptive rules, fully known groups) costs only the steps it takes,
-and a fully known input costs nothing.
+plan that finishes early (an autoregressive plan's fully known groups) costs only the steps it
+takes, and a fully known input costs nothing.
 
 Everything is traceable: wrap `sample` in `jax.jit` (with the configuration bound, e.g.
 `jax.jit(functools.partial(sample, denoiser, x_shape=..., schedule=..., num_steps=...))`) to get
@@ -55,27 +55,26 @@ _STRATEGY_KWARGS = {
     "autoregressive": ("order", "steps_per_group", "overlap", "group_shape"),
     "repaint": ("jump_length", "resample"),
 }
-_RULE_PLANS = {"budget": adaptive.BudgetPlan, "step_size": adaptive.StepSizePlan,
-               "quantile": adaptive.QuantilePlan}
 
 
-def _rule_defaults(rule: str) -> dict[str, Any]:
-  """An adaptive rule's keywords with their defaults: its plan's fields but the budget and
-  schedule."""
-  return {f.name: f.default for f in dataclasses.fields(_RULE_PLANS[rule])
+def _budget_defaults() -> dict[str, Any]:
+  """The budget rule's keywords with their defaults: `adaptive.BudgetPlan`'s fields but the
+  budget and schedule."""
+  return {f.name: f.default for f in dataclasses.fields(adaptive.BudgetPlan)
           if f.init and f.name not in ("num_steps", "schedule")}
 
 
-_RULE_KWARGS = {rule: tuple(_rule_defaults(rule)) for rule in _RULE_PLANS}
+_BUDGET_KWARGS = tuple(_budget_defaults())
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Each strategy's keywords with their defaults, one section per strategy ('uniform' takes
   none); a run's config holds them as `config.sampling.<strategy>.<keyword>`. 'adaptive' takes
-  `rule` and the keywords of that rule, `adaptive.<rule>.*` (`adaptive.py`'s plans)."""
+  `rule` ('budget', the one rule since issue 18; a removed rule's name is a clear error) and its
+  keywords `adaptive.budget.*` (`adaptive.BudgetPlan`)."""
   placeholder = ml_collections.config_dict.placeholder
   return ml_collections.ConfigDict({
-      "adaptive": {"rule": "budget", **{rule: _rule_defaults(rule) for rule in _RULE_PLANS}},
+      "adaptive": {"rule": "budget", "budget": _budget_defaults()},
       "autoregressive": {
           "order": "raster",  # 'raster', 'spiral' (centre-out) or 'certainty'
           "steps_per_group": placeholder(int),  # None: what fits num_steps
@@ -92,12 +91,11 @@ def default_config() -> ml_collections.ConfigDict:
 def strategy_kwargs(strategy: str, options: Any) -> dict[str, Any]:
   """The keywords of `sample(strategy=strategy, ...)` held in `options` (shaped as
   `default_config()`, e.g. a run's `config.sampling`): the strategy's section, for 'adaptive' its
-  `rule` and that rule's section. Unset (None) keywords are left out: the sampler's default."""
+  `rule` and `adaptive.budget`. Unset (None) keywords are left out: the sampler's default."""
   if strategy == "adaptive":
     rule = options.adaptive.rule
-    if rule not in _RULE_PLANS:
-      raise ValueError(f"unknown adaptive rule {rule!r}; choose one of {adaptive.ADAPTIVE_RULES}")
-    kwargs = {"rule": rule, **options.adaptive[rule].to_dict()}
+    adaptive.check_rule(rule)
+    kwargs = {"rule": rule, **options.adaptive.budget.to_dict()}
   elif strategy in ("autoregressive", "repaint"):
     kwargs = options[strategy].to_dict()
   else:
@@ -239,9 +237,8 @@ def make_plan(strategy: str | plans_lib.Plan, grid: Sequence[int], num_steps: in
   if strategy == "adaptive":
     kwargs = dict(strategy_kwargs)
     rule = kwargs.pop("rule", "budget")
-    if rule not in _RULE_KWARGS:
-      raise ValueError(f"unknown adaptive rule {rule!r}; choose one of {adaptive.ADAPTIVE_RULES}")
-    _check_kwargs(f"adaptive rule {rule!r}", kwargs, _RULE_KWARGS[rule])
+    adaptive.check_rule(rule)
+    _check_kwargs(f"adaptive rule {rule!r}", kwargs, _BUDGET_KWARGS)
     return adaptive.make_adaptive_plan(rule, _require_steps(strategy, num_steps), schedule,
                                        **kwargs)
   if strategy == "autoregressive":
@@ -398,12 +395,12 @@ def sample(denoiser: Denoiser, rng: Array, x_shape: Sequence[int], *,
     rng: a PRNG key; the only source of randomness.
     x_shape: the shape of the samples.
     schedule: the training schedule (or its name).
-    strategy: 'uniform', 'adaptive' (kwargs `rule='step_size'|'quantile'` and the rule's own,
-      see `adaptive.py`), 'autoregressive' (`order='raster'|'spiral'|'certainty'`,
+    strategy: 'uniform', 'adaptive' (kwargs `rule='budget'`, the only rule, and
+      `adaptive.BudgetPlan`'s own), 'autoregressive' (`order='raster'|'spiral'|'certainty'`,
       `steps_per_group`, `overlap`, `group_shape`; with `num_steps` and `steps_per_group` but
       no `overlap`, the overlap that fits them), 'repaint' (`jump_length=10`,
       `resample=10`), or a `plans.Plan`. Inpainting is any strategy with `known_mask`.
-    num_steps: the plan's steps (uniform), reference budget (adaptive), total steps
+    num_steps: the plan's steps (uniform, adaptive), total steps
       (autoregressive, or give `steps_per_group`) or base steps before jumps (repaint).
     patch_size: token size along each spatial axis.
     known: clean values `[B, *spatial, C]` (batch 1 broadcasts), read only where known.

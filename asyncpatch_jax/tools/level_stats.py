@@ -160,8 +160,6 @@ def strategy_presets(num_steps: int = 16) -> dict[str, dict[str, Any]]:
       "adaptive budget": dict(strategy="adaptive", rule="budget", num_steps=n),
       "adaptive budget (inpaint)": dict(strategy="adaptive", rule="budget", num_steps=n,
                                         mask="box"),
-      "adaptive step_size": dict(strategy="adaptive", rule="step_size", num_steps=n),
-      "adaptive quantile": dict(strategy="adaptive", rule="quantile", num_steps=n),
       "AR token raster ρ=0": dict(strategy="autoregressive", steps_per_group=2, overlap=0.0),
       "AR token raster ρ=0.75": dict(strategy="autoregressive", steps_per_group=4, overlap=0.75),
       "AR rows ρ=0.75": dict(strategy="autoregressive", steps_per_group=8, overlap=0.75,

@@ -179,7 +179,7 @@ def defaults() -> ml_collections.ConfigDict:
       "mask": "",                     # a PNG (white = known) or a mask name ('' = inpaint_mask)
       "mask_invert": False,           # the PNG is white = hole (LaMa's convention)
   })
-  # Each strategy's keywords: sampling.adaptive (rule, and adaptive.<rule>.*),
+  # Each strategy's keywords: sampling.adaptive (rule 'budget', and adaptive.budget.*),
   # sampling.autoregressive, sampling.repaint (sampling/sampler.py, `default_config`).
   for strategy, options in sampler_lib.default_config().items():
     config.sampling[strategy] = options

@@ -133,6 +133,10 @@ def validate_config(config: Any) -> None:
   _require(float(sampling.cfg_scale) == 0.0 or num_classes > 0,
            "sampling.cfg_scale needs a class-conditional model (model.num_classes > 0)")
   try:
+    sampling_adaptive.check_rule(sampling.adaptive.rule)
+  except ValueError as e:
+    raise ConfigError(f"config.sampling.adaptive.rule: {e}") from e
+  try:
     options = {**sampler_lib.strategy_kwargs(sampling.strategy, sampling),
                "x0_draw": sampling.x0_draw}
   except ValueError as e:
@@ -342,8 +346,6 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("sampling.x0_draw", lambda v: v in sampler_lib.X0_DRAWS, f"one of {sampler_lib.X0_DRAWS}"),
     ("sampling.update_rule", lambda v: v is None or v in sampling_updates.UPDATES,
      f"None (from sampling.stochastic) or one of {sampling_updates.UPDATES}"),
-    ("sampling.adaptive.rule", lambda v: v in sampling_adaptive.ADAPTIVE_RULES,
-     f"one of {sampling_adaptive.ADAPTIVE_RULES}"),
     ("sampling.autoregressive.order", lambda v: v in sampling_plans.ORDERS,
      f"one of {sampling_plans.ORDERS}"),
     ("sampling.cfg_scale", lambda v: v >= 0, ">= 0 (0: no guidance)"),

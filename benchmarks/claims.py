@@ -582,6 +582,18 @@ def paired(a: Any, b: Any) -> dict[str, float]:
   return {"diff": mean, "se": se, "lo": mean - 1.96 * se, "hi": mean + 1.96 * se}
 
 
+def welch(a: Any, b: Any) -> dict[str, float]:
+  """mean(a) − mean(b) with a 95% Welch t interval (for a handful of checkpoints each)."""
+  from scipy import stats
+
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+  diff, se = float(a.mean() - b.mean()), float(math.sqrt(va + vb))
+  df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+  half = float(stats.t.ppf(0.975, df)) * se
+  return {"diff": diff, "se": se, "lo": diff - half, "hi": diff + half, "df": float(df)}
+
+
 def mean_se(values: Any) -> tuple[float, float]:
   v = np.asarray(values, np.float64)
   v = v[np.isfinite(v)]
@@ -922,6 +934,15 @@ def claim_1_2(bench: DatasetBench, other: str) -> dict[str, Any]:
                      "fid_hi": r["fid_hi"]})
     curves[variant] = {"fid": points, "loss": read_curve(os.path.join(
         bench.network(variant).workdir, "claims_curve.jsonl"))}
+  # Training noise: the spread of FID between the last checkpoints (at least two each).
+  late = {v: [p["fid"] for p in c["fid"] if p["updates"] >= args.control_fraction
+              * args.train_steps] for v, c in curves.items()}
+  if late and min(map(len, late.values())) >= 2:
+    between = welch(late["asyncpatch"], late[other])
+    summary.append((f"FID, asyncpatch − {other}, mean over the checkpoints from "
+                    f"{round(args.control_fraction * args.train_steps)} updates (their spread as "
+                    f"the error: training noise)", diff_text(between),
+                    verdict(between["lo"], between["hi"])))
   head = summary[0]
   line = (f"FID {interval_text(rows['asyncpatch']['fid'], rows['asyncpatch']['fid_lo'], rows['asyncpatch']['fid_hi'])} (asyncpatch) vs "  # noqa: E501
           f"{interval_text(rows[other]['fid'], rows[other]['fid_lo'], rows[other]['fid_hi'])} "

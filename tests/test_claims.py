@@ -193,6 +193,9 @@ def test_verdicts_and_paired_differences():
   assert pair["diff"] == pytest.approx(2.0)
   assert pair["se"] == pytest.approx(np.std([1, 2, 2, 3], ddof=1) / 2)
   assert pair["lo"] == pytest.approx(2.0 - 1.96 * pair["se"])
+  w = claims.welch([1.0, 2.0, 3.0], [0.0, 0.5, 1.0])
+  assert w["diff"] == pytest.approx(1.5) and w["se"] == pytest.approx(math.sqrt(1 / 3 + 0.25 / 3))
+  assert w["hi"] - w["diff"] > 1.96 * w["se"]  # a t interval: wider than the normal one
   a = {"fid": 3.0, "fid_boot": [3.0, 4.0, 5.0] * 10}
   b = {"fid": 1.0, "fid_boot": [1.0, 1.0, 1.0] * 10}
   diff = claims.boot_difference(a, b)

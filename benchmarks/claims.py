@@ -429,10 +429,14 @@ class Network:
         steps=int(restored))
 
 
+TRAINING_FIELDS = ("data", "diffusion", "init_from", "model", "num_steps", "optimizer", "seed",
+                   "vae")
+
+
 def settings_hash(config: Any) -> str:
-  """A hash of what determines the trained network (not checkpointing, logging or time cap)."""
-  fields = {k: v for k, v in config.to_dict().items()
-            if k not in ("checkpoint", "logging", "train_minutes")}
+  """A hash of the config fields that determine the trained network (not sampling, evaluation,
+  checkpointing, logging or the time cap, which later code may change)."""
+  fields = {k: v for k, v in config.to_dict().items() if k in TRAINING_FIELDS}
   return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

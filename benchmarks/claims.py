@@ -1337,6 +1337,7 @@ def plot(results: dict[str, Any], out: str) -> list[str]:
       ax0.legend()
       ax1.legend()
       fig.suptitle(f"Claim {claim_id} ({dataset})", y=1.02)
+      fig.tight_layout()
       save(fig, f"claim{claim_id}_training_{dataset}.png")
   for dataset, res in results["claims"].get("5", {}).items():
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -1344,8 +1345,11 @@ def plot(results: dict[str, Any], out: str) -> list[str]:
       pts = sorted((r["nfe"], r) for r in res["rows"].values() if r["sampler"] == sampler)
       if pts:
         errorbar(ax, [p[0] for p in pts], [p[1] for p in pts], sampler)
+    budgets = sorted({r["budget"] for r in res["rows"].values()})
     ax.set(xscale="log", xlabel="NFE", ylabel="FID (95% bootstrap)",
            title=f"Claim 5 ({dataset}): FID against NFE")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
     ax.legend()
     save(fig, f"claim5_fid_vs_nfe_{dataset}.png")
   for dataset, res in results["claims"].get("3", {}).items():

@@ -112,6 +112,7 @@ def test_quick_every_claim_and_resume(tmp_path):
     assert set(res["curves"]) == ({"asyncpatch", "conventional"} if claim == "1" else set())
     for curve in res["curves"].values():
       assert [p["updates"] for p in curve["fid"]] == curve_steps
+      assert len({p["fid"] for p in curve["fid"]}) == len(curve_steps)  # distinct checkpoints
       assert curve["loss"] and all(_finite(v) for _, v in curve["loss"])
     assert all(v in VERDICTS for _, _, v in res["summary"])
   res1 = results["claims"]["1"]["mnist"]

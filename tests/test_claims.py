@@ -255,10 +255,10 @@ def test_readme_claims_table_is_generated_from_the_results(tmp_path):
   for word in ("holds", "fails", "not significant"):
     assert f"**{word}**" in readme or word not in claims.readme_table(results)
   path = tmp_path / "README.md"
-  path.write_text(f"intro\n{claims.README_BEGIN}\nold\n{claims.README_END}\noutro\n")
+  path.write_text(f"intro\n{claims.README_BEGIN}\nSTALE ROW\n{claims.README_END}\noutro\n")
   claims.update_readme(results, str(path))
   text = path.read_text()
-  assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old" not in text
+  assert text.startswith("intro\n") and text.endswith("\noutro\n") and "STALE ROW" not in text
   path.write_text("no markers")
   with pytest.raises(ValueError, match="claims-table markers"):
     claims.update_readme(results, str(path))

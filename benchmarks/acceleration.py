@@ -230,13 +230,14 @@ def claims_args(args: argparse.Namespace) -> argparse.Namespace:
   return claims.parse_args(argv + (["--quick"] if args.quick else []))
 
 
-def train(name: str, args: argparse.Namespace) -> Any:
-  """Trains (resuming) the MNIST network with level sampler `name`; returns claims' Network."""
+def train(name: str, args: argparse.Namespace, cargs: argparse.Namespace) -> Any:
+  """Trains (resuming) the MNIST network with level sampler `name`; returns claims' Network
+  (`cargs`: `claims_args(args)`)."""
   from asyncpatch_jax.train import restore as restore_lib
   from asyncpatch_jax.train import trainer
   from benchmarks import claims
 
-  config = claims.make_config("mnist", "asyncpatch", claims_args(args), args.train_steps)
+  config = claims.make_config("mnist", "asyncpatch", cargs, args.train_steps)
   with config.unlocked():
     config.diffusion.level_sampler = NETWORKS[name]()
     config.checkpoint.every_steps = max(50, args.train_steps // 10)  # resumable
@@ -285,7 +286,7 @@ def run_mnist(args: argparse.Namespace) -> None:
 
   path = os.path.join(RESULTS, "acceleration_mnist.json")
   cargs = claims_args(args)
-  networks = {name: train(name, args) for name in NETWORKS}
+  networks = {name: train(name, args, cargs) for name in NETWORKS}
   extractor = (fid_lib.FeatureExtractor(batch_size=args.batch) if args.features == "inception"
                else claims.AlexNetFeatures())
   bench = claims.DatasetBench("mnist", networks, cargs, extractor, None, claims.Store(cargs))

@@ -206,7 +206,8 @@ def test_verdicts_and_paired_differences():
   b = {"fid": 1.0, "fid_boot": [1.0, 1.0, 1.0] * 10}
   diff = claims.boot_difference(a, b)
   assert diff["diff"] == 2.0 and diff["lo"] == pytest.approx(2.0) and diff["hi"] == 4.0
-  assert claims.boot_ratio(a, b)["ratio"] == 3.0
+  ratio = claims.boot_difference(a, b, ratio=True)
+  assert ratio["ratio"] == 3.0 and ratio["lo"] == pytest.approx(3.0) and ratio["hi"] == 5.0
 
 
 def test_claims_arguments(tmp_path):

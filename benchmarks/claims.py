@@ -21,12 +21,15 @@ the mixture spends on homogeneous ones). Then, with the EMA parameters:
    statistics against its context (Gram and local mean/std distances), paired against unguided.
 5. FID against NFE for the uniform plan, the fixed-budget uncertainty plan and grouped
    autoregressive generation at budgets `--nfe_budgets`.
-6. Grouped autoregressive generation against uniform at equal NFE (FID ratio, goal ≤ 1.3), and
-   bits/dim along the raster path for every network, paired.
+6. Grouped autoregressive generation against uniform at equal NFE (FID ratio, goal ≤ 1.3),
+   with half the budget per group at every budget and a larger share at `--sample_steps`
+   (more overlap between groups), and bits/dim along the raster path for every trained
+   network, paired.
 
 Every number carries its uncertainty and every verdict is read from it: FID/KID with percentile
 bootstrap intervals over the samples (the reference held fixed), differences between two FID
-rows from their independent bootstrap replicates; LPIPS, texture statistics and bits/dim with
+rows from their bootstrap replicates (the same resample indices in every row, so rows that share
+noise and labels get a paired interval); LPIPS, texture statistics and bits/dim with
 paired differences over the same images (± 1.96 standard errors). A verdict is "holds" when the
 interval excludes the claim's failure, "fails" when it excludes its success, and "not
 significant" otherwise.
@@ -93,7 +96,7 @@ from asyncpatch_jax.evaluation import fid as fid_lib  # noqa: E402
 from asyncpatch_jax.evaluation import images as images_lib  # noqa: E402
 from asyncpatch_jax.evaluation import lpips as lpips_lib  # noqa: E402
 from asyncpatch_jax.evaluation import texture_stats  # noqa: E402
-from asyncpatch_jax.train import builders, trainer  # noqa: E402
+from asyncpatch_jax.train import builders, perf, trainer  # noqa: E402
 from asyncpatch_jax.train import restore as restore_lib  # noqa: E402
 from asyncpatch_jax.train import samples as samples_lib  # noqa: E402
 from configs import mnist as mnist_config  # noqa: E402
@@ -105,7 +108,7 @@ CLAIMS = (1, 2, 3, 4, 5, 6)
 # Which networks each claim reads.
 NEEDS = {1: ("asyncpatch", "conventional"), 2: ("asyncpatch", "iid"),
          3: ("asyncpatch", "conventional"), 4: ("asyncpatch",), 5: ("asyncpatch",),
-         6: ("asyncpatch", "conventional", "iid")}
+         6: ("asyncpatch", "conventional")}  # claim 6 also ranks 'iid' where it is trained
 TITLES = {
     1: "AsyncPatch vs conventional diffusion under homogeneous sampling",
     2: "Controlled level sampler vs naive iid levels",
@@ -150,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="README whose claims table --render regenerates ('' : none)")
   p.add_argument("--claims", action="append", default=None, metavar="DATASET=1,2,…",
                  help="claims per data set (repeatable); default mnist=1,2,5,6 and "
-                      "textures=1,3,4,5")
+                      "textures=1,3,4,5,6")
   p.add_argument("--image_size", type=int, default=16, help="0: the data set config's (32)")
   p.add_argument("--batch_size", type=int, default=32, help="training batch; 0: the config's")
   p.add_argument("--train_steps", type=int, default=4000,
@@ -197,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "workdir" not in given:
       args.workdir = os.path.join(args.out, "work")
   if args.claims is None:
-    args.claims = ["mnist=1,2,5,6", "textures=1,3,4,5"]
+    args.claims = ["mnist=1,2,5,6", "textures=1,3,4,5,6"]
   args.plan = parse_plan(args.claims)
   if not args.render:
     check_args(args)
@@ -284,26 +287,35 @@ def check_args(args: argparse.Namespace) -> None:
                                 int(config.diffusion.patch_size))[1:]
     schedule = builders.make_schedule(config.diffusion)
     if 5 in claims or 6 in claims:
-      for budget in budgets + [args.sample_steps]:
-        for kwargs in nfe_rows(budget, grid).values():
-          try:
-            options = {k: v for k, v in kwargs.items() if k not in ("strategy", "num_steps",
-                                                                    "x0_draw")}
-            sampling.sampler.make_plan(kwargs["strategy"], grid, kwargs["num_steps"],
-                                       schedule=schedule, **options)
-          except ValueError as e:
-            raise FlagError(f"--nfe_budgets: budget {budget} is too small for the "
-                             f"{kwargs['strategy']} plan on the {tuple(grid)} token grid: "
-                             f"{e}") from None
+      rows = [kw for budget in budgets + [args.sample_steps]
+              for kw in nfe_rows(budget, grid).values()]
+      rows += [ar_kwargs(args.sample_steps, grid, share) for share in AR_SHARES]
+      for kwargs in rows:
+        budget = kwargs["num_steps"]
+        try:
+          options = {k: v for k, v in kwargs.items() if k not in ("strategy", "num_steps",
+                                                                  "x0_draw")}
+          sampling.sampler.make_plan(kwargs["strategy"], grid, kwargs["num_steps"],
+                                     schedule=schedule, **options)
+        except ValueError as e:
+          raise FlagError(f"--nfe_budgets: budget {budget} is too small for the "
+                           f"{kwargs['strategy']} plan on the {tuple(grid)} token grid: "
+                           f"{e}") from None
 
 
-def ar_kwargs(budget: int, grid: tuple[int, ...]) -> dict[str, Any]:
-  """Grouped autoregressive generation at a total budget: row groups, each getting ⌊N/2⌋
-  steps, the overlap fitted; below 8 steps (or grids of fewer than 4 rows), four blocks of a
-  quarter of the grid."""
+def ar_kwargs(budget: int, grid: tuple[int, ...], share: float = 0.5) -> dict[str, Any]:
+  """Grouped autoregressive generation at a total budget: row groups, each getting
+  ⌊share·N⌋ steps, the overlap fitted (a larger share: more overlap, every token more
+  updates); below 8 steps (or grids of fewer than 4 rows), four blocks of a quarter of the
+  grid."""
   layout = "row" if budget >= 8 and grid[0] >= 4 else tuple(max(1, g // 2) for g in grid)
-  return dict(strategy="autoregressive", num_steps=budget, steps_per_group=max(1, budget // 2),
-              group_shape=layout, order="raster")
+  return dict(strategy="autoregressive", num_steps=budget,
+              steps_per_group=max(1, int(budget * share)), group_shape=layout, order="raster")
+
+
+# Claim 6: the share of the budget each AR group gets, swept at `--sample_steps` (0.5 is
+# claim 5's AR row).
+AR_SHARES = (0.5, 0.75, 0.9)
 
 
 def nfe_rows(budget: int, grid: tuple[int, ...]) -> dict[str, dict[str, Any]]:
@@ -1093,7 +1105,7 @@ def claim_6(bench: DatasetBench) -> dict[str, Any]:
   args = bench.args
   budgets = sorted(set(ints(args.nfe_budgets)) | {args.sample_steps})
   sampling_rows: dict[str, dict[str, Any]] = {}
-  summary = []
+  summary, sweep = [], []
   for budget in budgets:
     rows_n = nfe_rows(budget, bench.grid)
     ar = bench.fid("asyncpatch", f"autoregressive_{budget}", **rows_n["autoregressive"])
@@ -1104,6 +1116,21 @@ def claim_6(bench: DatasetBench) -> dict[str, Any]:
     summary.append((f"FID ratio autoregressive / uniform at N={budget}, goal ≤ 1.3",
                     interval_text(r["ratio"], r["lo"], r["hi"]),
                     verdict(r["lo"], r["hi"], holds_below=1.3)))
+  # How the ratio depends on the share of the budget each group gets (more overlap).
+  budget = args.sample_steps
+  uni = sampling_rows[f"uniform, N={budget}"]
+  seen = {ar_kwargs(budget, bench.grid)["steps_per_group"]}
+  for share in AR_SHARES[1:]:
+    kwargs = ar_kwargs(budget, bench.grid, share)
+    if kwargs["steps_per_group"] in seen:  # small budgets: shares that round alike
+      continue
+    seen.add(kwargs["steps_per_group"])
+    label = f"autoregressive, N={budget}, {kwargs['steps_per_group']} steps per group"
+    ar = bench.fid("asyncpatch", f"autoregressive_{budget}_share_{share}", **kwargs)
+    sampling_rows[label] = {**ar, "budget": budget}
+    r = boot_difference(ar, uni, ratio=True)
+    sweep.append((kwargs["steps_per_group"], interval_text(r["ratio"], r["lo"], r["hi"]),
+                  verdict(r["lo"], r["hi"], holds_below=1.3)))
   elbos: dict[str, dict[str, Any]] = {}
   for variant in bench.networks:
     if "@" in variant:
@@ -1119,8 +1146,13 @@ def claim_6(bench: DatasetBench) -> dict[str, Any]:
   words = [s[2] for s in summary[:len(budgets)]]
   line = (f"grouped AR within 1.3× of uniform FID: holds at {words.count('holds')}, fails at "
           f"{words.count('fails')}, not significant at {words.count('not significant')} of "
-          f"{len(budgets)} budgets; raster-path bits/dim: "
+          f"{len(budgets)} budgets (half the budget per group); at N={budget} with more steps "
+          f"per group: " + ", ".join(f"{steps}: {ratio} ({word})" for steps, ratio, word in sweep)
+          + "; raster-path bits/dim: "
           + "; ".join(f"{s[0].split(', ')[1]} {s[1]} ({s[2]})" for s in summary[len(budgets):]))
+  summary[len(budgets):len(budgets)] = [
+      (f"FID ratio autoregressive ({steps} of {budget} steps per group) / uniform at "
+       f"N={budget}, goal ≤ 1.3", ratio, word) for steps, ratio, word in sweep]
   return {"rows": {"sampling": sampling_rows, "bits_per_dim": elbos}, "summary": summary,
           "verdict": line}
 
@@ -1152,15 +1184,27 @@ def strip(res: Any) -> Any:
   return res
 
 
+def calls_text(calls: list[dict[str, Any]]) -> list[str]:
+  """claims.md's record of the calls on the workdir (start, minutes, CPU)."""
+  if not calls:
+    return []
+  parts = [f"{c['started']}, {float(c['minutes']):.0f} min, {c.get('cpu') or 'CPU not recorded'}"
+           + (f" ({c['note']})" if c.get("note") else "") for c in calls]
+  return ["Calls on this workdir: " + "; ".join(parts) + ". Results do not depend on the "
+          "machine; times do.", ""]
+
+
 def markdown(results: dict[str, Any]) -> str:
   s = results["settings"]
   env = results["environment"]
   lines = [
       "# Claims at CPU scale", "",
       f"Command: `{s['command']}`  ",
-      f"Machine: {env['cpu_count']} CPU cores ({env['devices']}), jax {env.get('jax')}. "
-      f"Started {results['started']} UTC; {results.get('status', '')}"
+      f"Machine: {env['cpu_count']} CPU cores ({env.get('cpu', 'CPU model not recorded')}; "
+      f"{env['devices']}), jax {env.get('jax')}. Started {results['started']} UTC; "
+      f"{results.get('status', '')}"
       f"{'; wall time ' + results['wall'] if results.get('wall') else ''}.", "",
+      *calls_text(results.get("calls", [])),
       f"Networks: {s['image_size']}×{s['image_size']} pixels, batch {s['batch_size']}, "
       f"{s['train_steps']} updates each, constant learning rate after warm-up, EMA weights; "
       f"checkpoints every {s['train_steps'] // s['curve_points']} updates for the curves.", "",
@@ -1399,11 +1443,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   settings = {k: v for k, v in vars(args).items() if k != "plan"}
   settings["command"] = command or "python benchmarks/claims.py"
   begin = time.monotonic()
+  # Every call on this workdir (start, minutes, CPU): the run's wall time is their sum.
+  calls = list(store.get("calls") or [])
+  this_call = {"started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+               "cpu": perf.host_cpu(), "minutes": 0.0}
+
+  def record_call() -> None:
+    this_call["minutes"] = round((time.monotonic() - begin) / 60, 1)
+    results["calls"] = store.put("calls", calls + [this_call])
+
   results: dict[str, Any] = {
       "settings": settings,
       "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
-      "environment": {"cpu_count": os.cpu_count(), "devices": str(jax.devices()),
-                      "jax": jax.__version__,
+      "environment": {"cpu_count": os.cpu_count(), "cpu": perf.host_cpu(),
+                      "devices": str(jax.devices()), "jax": jax.__version__,
                       "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
       "models": {}, "claims": {}, "status": "running"}
   extractor = (fid_lib.FeatureExtractor(batch_size=args.batch) if args.features == "inception"
@@ -1428,11 +1481,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       res["seconds"] = time.monotonic() - start
       results["claims"].setdefault(str(claim), {})[dataset] = strip(res)
       log(f"claim {claim} ({dataset}): {res['verdict']}")
+      record_call()
       write_results(results, args.out)
-  minutes = (time.monotonic() - begin) / 60
+  record_call()
+  total = sum(float(c["minutes"]) for c in results["calls"])
   results["status"] = "finished " + datetime.datetime.now(datetime.UTC).strftime("%H:%M UTC")
-  results["wall"] = (f"{minutes:.0f} min in this call (trained networks and stored "
-                     f"measurements of earlier calls reused)")
+  results["wall"] = (f"{this_call['minutes']:.0f} min in this call, {total:.0f} min over the "
+                     f"{len(results['calls'])} calls on this workdir (each call reuses the "
+                     f"networks and measurements of the earlier ones)")
   write_results(results, args.out)
   return results
 

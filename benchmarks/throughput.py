@@ -492,7 +492,8 @@ def main(argv=None) -> dict:
                  "backend": backend, "device_kind": device.device_kind,
                  "num_devices": jax.device_count(), "peak_tflops": peak,
                  "jax": jax.__version__, "python": platform.python_version(),
-                 "cpu_count": os.cpu_count(), "load_avg": list(os.getloadavg()),
+                 "cpu": perf.host_cpu(), "cpu_count": os.cpu_count(),
+                 "load_avg": list(os.getloadavg()),
                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                  "note": "wall_s is wall-clock; cpu_s is time.process_time (all threads); the "
                          "machine may be shared"}

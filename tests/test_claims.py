@@ -93,6 +93,7 @@ def test_quick_guidance_and_acceleration(tmp_path):
 def test_quick_every_claim_and_resume(tmp_path):
   """All six claims on MNIST at toy size: three networks, NFE bookkeeping of every sampler;
   then the same command again reuses every network and measurement and gives equal results."""
+  claims = _load_claims()
   _, results = _run_quick(tmp_path)
   s = results["settings"]
   assert set(results["claims"]) == {"1", "2", "3", "4", "5", "6"}
@@ -137,6 +138,13 @@ def test_quick_every_claim_and_resume(tmp_path):
   ar = results["claims"]["6"]["mnist"]
   for b in [int(b) for b in s["nfe_budgets"].split(",")]:
     assert ar["rows"]["sampling"][f"autoregressive, N={b}"]["nfe"] == b
+  # More of the budget per group at --sample_steps: distinct, larger shares, each exactly N.
+  half = claims.ar_kwargs(s["sample_steps"], (4, 4))["steps_per_group"]
+  sweep = [label for label in ar["rows"]["sampling"] if label.endswith("steps per group")]
+  per_group = [int(label.split(", ")[2].split()[0]) for label in sweep]
+  assert sweep and per_group == sorted(set(per_group)) and min(per_group) > half
+  assert all(ar["rows"]["sampling"][label]["nfe"] == s["sample_steps"] for label in sweep)
+  assert sum("steps per group) / uniform" in c for c, _, _ in ar["summary"]) == len(sweep)
   for name, bounds in ar["rows"]["bits_per_dim"].items():
     for path in ("raster", "homogeneous"):
       assert _finite(bounds[path]["bpd"], bounds[path]["bpd_se"])

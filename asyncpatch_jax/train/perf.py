@@ -10,6 +10,7 @@ FLOPs per second per device by the device's dense bf16 peak (`PEAK_TFLOPS`, or
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 import jax
@@ -39,6 +40,27 @@ def peak_tflops(device: jax.Device | None = None, override: float = 0.0) -> floa
     if name in kind:
       return peak
   return None
+
+
+def host_cpu() -> str:
+  """The host CPU's model and the matrix extensions that decide CPU matmul speed ('AMX',
+  'AVX-512 BF16', else 'AVX2'/'AVX-512'), for benchmark records: CPU timings, and PyTorch's
+  bf16 speed most of all (oneDNN without AMX or AVX-512 BF16 is slow), depend on them."""
+  model, flags = "", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+          model = value.strip()
+        elif key.strip() == "flags" and not flags:
+          flags = set(value.split())
+  except OSError:
+    pass
+  extensions = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"),
+                                        ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags]
+  model = model or platform.processor() or platform.machine()
+  return f"{model} ({', '.join(extensions)})" if extensions else model
 
 
 def compiled_flops(compiled: Any) -> float | None:

@@ -48,7 +48,7 @@ settings is refused, naming the differences. Results go to `<out>/claims.json`, 
 and PNG plots, rewritten (atomically) after each claim; `--render` rewrites them and the README's
 claims table from `claims.json` alone.
 
-    python benchmarks/claims.py --out results/claims           # the recorded run (≈ 2.5 h, 2 cores)
+    python benchmarks/claims.py --out results/claims           # the recorded run (≈ 3 h, 2 cores)
     python benchmarks/claims.py --quick --out /tmp/claims      # every claim at toy size
     python benchmarks/claims.py --render --out results/claims  # tables, plots, README from json
 """

@@ -245,6 +245,7 @@ ALLOWED = {
         "Inception network weights (a model file in the local weights cache, not data)",
     ("evaluation/lpips.py", 'open(path, "rb")'): "LPIPS network weights (local weights cache)",
     ("train/eval_job.py", "os.path.basename(reference)"): "a label in the results",
+    ("train/perf.py", 'open("/proc/cpuinfo")'): "the host CPU's model (Linux), not data",
 }
 
 

@@ -159,6 +159,11 @@ def test_quick_every_claim_and_resume(tmp_path):
 
   assert measured(again["claims"]) == measured(results["claims"])
   assert again["models"] == results["models"]
+  # Each call on the workdir is recorded, the earlier ones kept: the run's time is their sum.
+  assert len(results["calls"]) == 1 and again["calls"][:1] == results["calls"]
+  assert len(again["calls"]) == 2 and all(c["cpu"] for c in again["calls"])
+  assert again["wall"].endswith("over the 2 calls on this workdir (each call reuses the "
+                                "networks and measurements of the earlier ones)")
 
 
 def test_bootstrap_fid_and_kid():

@@ -289,7 +289,7 @@ def check_args(args: argparse.Namespace) -> None:
     if 5 in claims or 6 in claims:
       rows = [kw for budget in budgets + [args.sample_steps]
               for kw in nfe_rows(budget, grid).values()]
-      rows += [ar_kwargs(args.sample_steps, grid, share) for share in AR_SHARES]
+      rows += [ar_kwargs(args.sample_steps, grid, share) for share in AR_SHARES[1:]]
       for kwargs in rows:
         budget = kwargs["num_steps"]
         try:
@@ -1445,8 +1445,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   begin = time.monotonic()
   # Every call on this workdir (start, minutes, CPU): the run's wall time is their sum.
   calls = list(store.get("calls") or [])
+  cpu = perf.host_cpu()
   this_call = {"started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-               "cpu": perf.host_cpu(), "minutes": 0.0}
+               "cpu": cpu, "minutes": 0.0}
 
   def record_call() -> None:
     this_call["minutes"] = round((time.monotonic() - begin) / 60, 1)
@@ -1455,7 +1456,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   results: dict[str, Any] = {
       "settings": settings,
       "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
-      "environment": {"cpu_count": os.cpu_count(), "cpu": perf.host_cpu(),
+      "environment": {"cpu_count": os.cpu_count(), "cpu": cpu,
                       "devices": str(jax.devices()), "jax": jax.__version__,
                       "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
       "models": {}, "claims": {}, "status": "running"}
